@@ -1,0 +1,35 @@
+# mnist-ray: the two quick-start commands are `make quickstart` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= out
+
+.PHONY: install quickstart test lock clean
+
+install: $(VENV)/.installed
+
+# Reinstall when the dependencies change; the lock pins every package that was tested.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+# The main job end to end on data that needs no network (5,000 real MNIST digits).
+quickstart: install
+	$(BIN)/mnist-ray prepare --source mnist-sample --output $(OUT)/mnist-sample/shards --overwrite
+
+# The whole test suite on a real local Ray and a real S3 server on 127.0.0.1.
+test: install
+	$(BIN)/python -m pytest
+
+# Rewrite the lock from a fresh resolve of pyproject.toml (run after changing dependencies).
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install --quiet -e '.[test]'
+	{ head -n 2 requirements.lock; $(VENV)-lock/bin/python -m pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf $(VENV)-lock
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

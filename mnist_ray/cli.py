@@ -1,0 +1,80 @@
+"""The ``mnist-ray`` command: one subcommand per job, flags generated from its config.
+
+Exit codes: 0 success, 1 a user error (one line on stderr, no traceback), 2 bad flags
+(argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from mnist_ray import __version__, config
+from mnist_ray.errors import MnistRayError
+
+# subcommand -> (module, config class, one-line description). Modules load only when used,
+# so `mnist-ray --help` does not import Ray or TensorFlow.
+COMMANDS = {
+    "prepare": ("mnist_ray.prepare", "PrepareConfig",
+                "turn a dataset into Parquet image shards (local or s3://)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: lists the subcommands without importing any of them."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-ray", description="Train a digit classifier and score millions of images on Ray.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, _, h) in COMMANDS.items())
+        + "\n\nrun `mnist-ray COMMAND --help` for a command's flags")
+    parser.add_argument("--version", action="version", version=f"mnist-ray {__version__}")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def command_parser(name: str):
+    """A subcommand's parser (flags from its config dataclass) and its module."""
+    module_name, cls_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"mnist-ray {name}", description=help_)
+    config.add_arguments(parser, getattr(module, cls_name))
+    return parser, module, getattr(module, cls_name)
+
+
+def _user_error(e: BaseException) -> MnistRayError | None:
+    """The project error behind ``e``, also when a Ray task raised it in a worker."""
+    while e is not None:
+        if isinstance(e, MnistRayError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="mnist-ray: %(message)s", stream=sys.stderr)
+    top = build_parser().parse_args(argv)
+    parser, module, cls = command_parser(top.command)
+    args = parser.parse_args(top.args)
+    try:
+        cfg = config.from_args(cls, args)
+        print(f"mnist-ray {top.command}: config {config.to_json(cfg)}", file=sys.stderr)
+        summary = module.run(cfg)
+    except KeyboardInterrupt:
+        print(f"mnist-ray {top.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user errors get one line, bugs a traceback
+        user = _user_error(e)
+        if user is None:
+            raise
+        print(f"mnist-ray {top.command}: error: {user}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""prepare: a dataset source -> Parquet image shards, encoded in parallel by Ray Data.
+
+    source --load--> arrays or a file listing --Ray Data map (PNG encode / check)--> ShardSink
+           --> _manifest.json --> _SUCCESS (written last)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from mnist_ray import __version__, cluster, datasets, preprocess, shards, storage
+from mnist_ray.errors import MnistRayError
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 5_000  # rows per Ray Data block when encoding arrays: enough blocks to use every core
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: str = field(default="mnist-sample", metadata={
+        "help": "mnist-sample | mnist | fashion-mnist | idx:PATH | images:PATH"})
+    output: str = field(default="out/mnist-sample/shards", metadata={
+        "help": "where the shards go: a local directory or a URL such as s3://bucket/prefix"})
+    rows_per_shard: int = field(default=50_000, metadata={"help": "rows per Parquet file"})
+    max_shard_mb: int = field(default=256, metadata={
+        "help": "start a new file past this size (large photos reach it before rows_per_shard)"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "mnist-sample: fraction of each class held out as the val split"})
+    seed: int = field(default=0, metadata={"help": "seed of the mnist-sample train/val split"})
+    limit: int | None = field(default=None, metadata={
+        "help": "keep at most this many rows per split, evenly spaced (smoke runs)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing complete output"})
+    address: str | None = field(default=None, metadata={
+        "help": "Ray address (default: RAY_ADDRESS, else a local single-node Ray)"})
+
+    PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"limit": 500, "rows_per_shard": 400}}
+
+    def validate(self) -> None:
+        if self.rows_per_shard < 1 or self.max_shard_mb < 1:
+            raise MnistRayError("--rows-per-shard and --max-shard-mb must be positive")
+        if self.limit is not None and self.limit < 1:
+            raise MnistRayError("--limit must be positive")
+
+
+def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
+    """Indices of at most ``limit`` rows spread over all ``n`` (every class of a sorted set)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+# --- worker-side batch functions (run inside Ray Data tasks) ---------------------------------
+
+def encode_array_batch(batch: pa.Table, height: int, width: int) -> pa.Table:
+    """Rows of raw uint8 pixels -> rows of PNG bytes in the shard schema."""
+    pixels = batch["pixels"].combine_chunks()
+    start, n = pixels.offset * height * width, len(pixels)
+    raw = np.frombuffer(pixels.buffers()[1], dtype=np.uint8)[start: start + n * height * width]
+    images = preprocess.encode_png(raw.reshape(n, height, width))
+    return pa.table({
+        "id": batch["id"], "image": pa.array(images, pa.binary()), "label": batch["label"],
+        "split": batch["split"], "path": pa.nulls(n, pa.string()),
+    })
+
+
+def check_file_batch(batch: pa.Table, root: str, root_uri: str) -> pa.Table:
+    """Rows of raw file bytes -> shard rows, or rows with an ``error`` for files that do not decode."""
+    ids, images, labels, splits, paths, errors = [], [], [], [], [], []
+    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
+        rel = path[len(root):].lstrip("/")
+        image, error = preprocess.normalize_stored_image(data)
+        ids.append(rel)
+        images.append(image if image is not None else b"")
+        labels.append(datasets.label_from_path(rel))
+        splits.append(datasets.split_from_path(rel))
+        paths.append(root_uri.rstrip("/") + "/" + rel)
+        errors.append(error)
+    return pa.table({
+        "id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
+        "label": pa.array(labels, pa.int8()), "split": pa.array(splits, pa.string()),
+        "path": pa.array(paths, pa.string()), "error": pa.array(errors, pa.string()),
+    })
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+def _array_blocks(data: datasets.ArrayDataset, limit: int | None, block_rows: int) -> tuple[list[pa.Table], int, int]:
+    blocks, shape = [], None
+    for split_name, split in data.splits.items():
+        keep = evenly_spaced(len(split.labels), limit)
+        images, labels, ids = split.images[keep], split.labels[keep], split.ids[keep]
+        if shape not in (None, images.shape[1:]):
+            raise MnistRayError(f"{data.name}: splits have different image sizes")
+        shape = images.shape[1:]
+        flat = images.reshape(len(images), -1)
+        for start in range(0, len(labels), block_rows):
+            stop = min(start + block_rows, len(labels))
+            chunk = np.ascontiguousarray(flat[start:stop])
+            pixels = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(chunk.shape[1]), len(chunk), [None, pa.py_buffer(chunk.tobytes())])
+            blocks.append(pa.table({
+                "id": pa.array(ids[start:stop], pa.string()), "pixels": pixels,
+                "label": pa.array(labels[start:stop], pa.int8()),
+                "split": pa.array([split_name] * (stop - start), pa.string()),
+            }))
+    return blocks, int(shape[0]), int(shape[1])
+
+
+def _build_dataset(data, cfg: PrepareConfig):
+    import ray
+
+    if isinstance(data, datasets.ArrayDataset):
+        blocks, height, width = _array_blocks(data, cfg.limit, min(BLOCK_ROWS, cfg.rows_per_shard))
+        expected = sum(b.num_rows for b in blocks)
+        ds = ray.data.from_arrow(blocks).map_batches(
+            encode_array_batch, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"height": height, "width": width})
+        return ds, expected
+    files = [data.files[i] for i in evenly_spaced(len(data.files), cfg.limit)]
+    paths = [data.root.join(rel) for rel, _ in files]
+    ds = ray.data.read_binary_files(paths, filesystem=data.root.fs, include_paths=True).map_batches(
+        check_file_batch, batch_format="pyarrow", batch_size=64,
+        fn_kwargs={"root": data.root.path, "root_uri": data.root.uri})
+    return ds, len(paths)
+
+
+def run(cfg: PrepareConfig) -> dict:
+    """Write ``cfg.source`` as image shards to ``cfg.output``; returns the summary."""
+    cfg.validate()
+    started = time.perf_counter()
+    data = datasets.load(cfg.source, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    run_id = uuid.uuid4().hex[:12]
+    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
+    cluster.connect(cfg.address)
+
+    ds, expected = _build_dataset(data, cfg)
+    sink = shards.ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20)
+    try:
+        ds.write_datasink(sink)
+    except OSError as e:
+        raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+    summary = shards.summarize(sink.results)
+    if summary["rows"] + len(summary["rejected"]) != expected:
+        raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
+                            f"{len(summary['rejected'])} rejected; nothing was published")
+    if summary["rows"] == 0:
+        raise MnistRayError(f"no image in {cfg.source} could be decoded "
+                            f"(e.g. {summary['rejected'][0]['path']}: {summary['rejected'][0]['error']})")
+    manifest = {
+        "kind": shards.KIND, "schema_version": shards.SCHEMA_VERSION, "run_id": run_id,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": cfg.source, "config": dataclasses.asdict(cfg), "mnist_ray_version": __version__,
+        "schema": {f.name: str(f.type) for f in shards.SCHEMA},
+        "rejected_count": len(summary["rejected"]), **summary,
+    }
+    storage.publish(loc, manifest, run_id=run_id)
+    return {
+        "output": cfg.output, "rows": summary["rows"],
+        "splits": {k: v["rows"] for k, v in summary["splits"].items()},
+        "rejected": len(summary["rejected"]), "shards": len(summary["files"]),
+        "shard_bytes": [f["bytes"] for f in summary["files"]],
+        "fingerprint": summary["fingerprint"], "seconds": round(time.perf_counter() - started, 2),
+    }

@@ -1,0 +1,180 @@
+"""The image-shard format: Parquet files of encoded digits, written by a Ray Data sink.
+
+Schema (version 1): ``id`` string (unique, stable across runs), ``image`` binary (PNG or
+JPEG bytes), ``label`` int8 (null when unknown), ``split`` string (null when the source has
+none), ``path`` string (the source file, for image folders; null otherwise).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections import Counter
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from mnist_ray import storage
+
+SCHEMA_VERSION = 1
+KIND = "image-shards"
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("label", pa.int8()),
+    pa.field("split", pa.string()),
+    pa.field("path", pa.string()),
+])
+PRODUCER = "mnist-ray prepare --source SOURCE --output PATH"
+
+
+def row_digests(table: pa.Table) -> np.ndarray:
+    """A 32-byte digest per row over everything stored: (N, 32) uint8."""
+    ids, images = table["id"].to_pylist(), table["image"].to_pylist()
+    labels, splits = table["label"].to_pylist(), table["split"].to_pylist()
+    out = np.empty((len(ids), 32), dtype=np.uint8)
+    for i, (id_, image, label, split) in enumerate(zip(ids, images, labels, splits)):
+        h = hashlib.sha256(f"{id_}\0{label}\0{split}\0".encode())
+        h.update(image)
+        out[i] = np.frombuffer(h.digest(), dtype=np.uint8)
+    return out
+
+
+def xor_digest(digests: Iterable[np.ndarray]) -> np.ndarray:
+    """Order-independent combination of row digests (ids are unique, so rows never cancel)."""
+    acc = np.zeros(32, dtype=np.uint8)
+    for d in digests:
+        if len(d):
+            acc ^= np.bitwise_xor.reduce(d, axis=0)
+    return acc
+
+
+def fingerprint(content_xor: np.ndarray, counts: dict) -> str:
+    h = hashlib.sha256(f"{KIND}/{SCHEMA_VERSION}\0".encode())
+    h.update(content_xor.tobytes())
+    h.update(repr(sorted((k, sorted(v["labels"].items())) for k, v in counts.items())).encode())
+    return "sha256:" + h.hexdigest()
+
+
+class ShardSink(Datasink):
+    """Writes shards of about ``rows_per_shard`` rows and reports what each write task stored.
+
+    Rows with a non-null ``error`` column are not stored: their ``path`` and error come back
+    to the driver (``on_write_complete``) to be listed in the manifest. File names carry the
+    run id, so a rerun never collides with the files of an earlier, unfinished run.
+    """
+
+    def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
+        self.loc = loc
+        self.run_id = run_id
+        self.rows_per_shard = rows_per_shard
+        self.max_shard_bytes = max_shard_bytes
+        self.results: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        files, rejected, digests = [], [], []
+        counts: Counter = Counter()
+        writer, name, rows, nbytes = None, None, 0, 0
+
+        def close():
+            if writer is not None:
+                writer.close()
+                files.append({"path": name, "rows": rows,
+                              "bytes": self.loc.fs.get_file_info(self.loc.join(name)).size})
+
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            if "error" in table.column_names:
+                bad = table.filter(table["error"].is_valid())
+                rejected += [{"id": i, "path": p, "error": e} for i, p, e in
+                             zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
+                table = table.filter(table["error"].is_null())
+            if table.num_rows == 0:
+                continue
+            table = table.select(SCHEMA.names).cast(SCHEMA)
+            digests.append(row_digests(table))
+            counts.update(zip(table["split"].to_pylist(), table["label"].to_pylist()))
+            while table.num_rows:
+                if writer is not None and (rows >= self.rows_per_shard or nbytes >= self.max_shard_bytes):
+                    close()
+                    writer = None
+                if writer is None:
+                    name = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(files):03d}.parquet"
+                    writer = pq.ParquetWriter(self.loc.join(name), SCHEMA, filesystem=self.loc.fs)
+                    rows, nbytes = 0, 0
+                piece = table.slice(0, self.rows_per_shard - rows)
+                table = table.slice(piece.num_rows)
+                writer.write_table(piece)
+                rows += piece.num_rows
+                nbytes += piece.nbytes
+        close()
+        return {"files": files, "rejected": rejected, "xor": xor_digest(digests).tobytes(),
+                "counts": [(s, l, n) for (s, l), n in counts.items()]}
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = [r for r in write_result.write_returns if r]
+
+
+def summarize(results: list[dict]) -> dict:
+    """Merge the write tasks' reports into the manifest's files, counts and fingerprint."""
+    counts: dict = {}
+    for result in results:
+        for split, label, n in result["counts"]:
+            entry = counts.setdefault(str(split) if split is not None else "none", {"rows": 0, "labels": {}})
+            entry["rows"] += n
+            key = str(label) if label is not None else "none"
+            entry["labels"][key] = entry["labels"].get(key, 0) + n
+    for entry in counts.values():
+        entry["labels"] = dict(sorted(entry["labels"].items(), key=lambda kv: (len(kv[0]), kv[0])))
+    files = sorted((f for r in results for f in r["files"]), key=lambda f: f["path"])
+    # A retried write task reports its rejects again: list each file once.
+    rejected = sorted({r["path"]: r for res in results for r in res["rejected"]}.values(),
+                      key=lambda r: r["path"])
+    xor = xor_digest(np.frombuffer(r["xor"], dtype=np.uint8)[None] for r in results)
+    return {
+        "rows": sum(c["rows"] for c in counts.values()),
+        "splits": dict(sorted(counts.items())),
+        "files": files,
+        "rejected": rejected,
+        "fingerprint": fingerprint(xor, counts),
+    }
+
+
+def open_shards(uri: str) -> tuple[storage.Location, dict]:
+    """A complete shards dataset (refuses anything else with a clear message)."""
+    loc, manifest = storage.open_dataset(uri, producer=PRODUCER)
+    if manifest.get("kind") != KIND:
+        from mnist_ray.errors import MnistRayError
+
+        raise MnistRayError(f"{uri} holds {manifest.get('kind')!r}, not image shards: give a "
+                            f"dataset written by `{PRODUCER}`")
+    return loc, manifest
+
+
+def shard_paths(loc: storage.Location, manifest: dict) -> list[str]:
+    return [posixpath.join(loc.path, f["path"]) for f in manifest["files"]]
+
+
+def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The whole dataset as one Arrow table, for small data (tests, reports, the driver)."""
+    loc, manifest = open_shards(uri)
+    paths = shard_paths(loc, manifest)
+    if not paths:
+        return SCHEMA.empty_table().select(columns or SCHEMA.names)
+    return pa.concat_tables(pq.read_table(p, filesystem=loc.fs, columns=columns) for p in paths)
+
+
+def read_dataset(uri: str, columns: list[str] | None = None):
+    """The dataset as a streaming Ray Dataset over exactly the files the manifest lists."""
+    import ray
+
+    loc, manifest = open_shards(uri)
+    return ray.data.read_parquet(shard_paths(loc, manifest), filesystem=loc.fs, columns=columns)
