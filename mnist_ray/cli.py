@@ -20,6 +20,8 @@ from mnist_ray.errors import MnistRayError
 COMMANDS = {
     "prepare": ("mnist_ray.prepare", "PrepareConfig",
                 "turn a dataset into Parquet image shards (local or s3://)"),
+    "train": ("mnist_ray.train", "TrainConfig",
+              "train a model with Ray Train (data parallel) and export a versioned model dir"),
 }
 
 
@@ -55,7 +57,8 @@ def _user_error(e: BaseException) -> MnistRayError | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="mnist-ray: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="mnist-ray: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mnist_ray").setLevel(logging.INFO)
     top = build_parser().parse_args(argv)
     parser, module, cls = command_parser(top.command)
     args = parser.parse_args(top.args)

@@ -38,6 +38,29 @@ def decode_gray_batch(images: list[bytes] | np.ndarray) -> np.ndarray:
     return np.stack([decode_gray(b) for b in images]) if len(images) else np.zeros((0, 28, 28), np.uint8)
 
 
+MODEL_SIZE = 28
+
+
+def to_model_input(images: list[bytes]) -> np.ndarray:
+    """Encoded images -> the model's input: float32 (N, 28, 28, 1) in [0, 1], white on black.
+
+    Shared by training and inference, so the two cannot drift.
+    """
+    out = np.empty((len(images), MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
+    for i, data in enumerate(images):
+        with Image.open(io.BytesIO(data)) as image:
+            gray = image.convert("L")
+            if gray.size != (MODEL_SIZE, MODEL_SIZE):
+                gray = gray.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BILINEAR)
+            out[i] = np.asarray(gray)
+    return normalize(out)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) -> float32 (N, H, W, 1) in [0, 1]."""
+    return (pixels.astype(np.float32) * (1.0 / 255.0))[..., None]
+
+
 def normalize_stored_image(data: bytes) -> tuple[bytes | None, str | None]:
     """Check that ``data`` is a decodable image and return the bytes to store, or an error.
 

@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -189,6 +190,41 @@ def publish(loc: Location, manifest: dict, *, run_id: str) -> None:
         name = info.base_name
         if name.startswith("part-") and OWNED_FILE.match(name) and name not in keep:
             loc.fs.delete_file(info.path)
+
+
+def publish_directory(local_dir: str, loc: Location, *, run_id: str) -> None:
+    """Publish a finished local directory (a model dir) at ``loc``, ``_SUCCESS`` last.
+
+    Locally: the new directory is renamed into place and the old one removed after, so a
+    reader sees the old or the new dir, never a mix. On object storage (no rename) the old
+    ``_SUCCESS`` is removed first, so during the upload readers are refused, not misled.
+    """
+    with open(os.path.join(local_dir, SUCCESS), "w") as f:
+        json.dump({"run_id": run_id}, f)
+    try:
+        if loc.is_local:
+            target = loc.path.rstrip("/")
+            old = f"{target}.old-{run_id}"
+            if os.path.exists(target):
+                os.replace(target, old)
+            shutil.move(local_dir, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        if loc.fs.get_file_info(loc.join(SUCCESS)).type == pafs.FileType.File:
+            loc.fs.delete_file(loc.join(SUCCESS))
+        if loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory:
+            loc.fs.delete_dir_contents(loc.path)
+        for root, _, files in os.walk(local_dir):
+            for name in files:
+                if name == SUCCESS:
+                    continue
+                rel = os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/")
+                with open(os.path.join(root, name), "rb") as f:
+                    write_bytes(loc, rel, f.read())
+        with open(os.path.join(local_dir, SUCCESS), "rb") as f:
+            write_bytes(loc, SUCCESS, f.read())
+    except OSError as e:
+        raise MnistRayError(describe_error(e, loc.uri)) from e
 
 
 def open_dataset(uri: str, *, producer: str) -> tuple[Location, dict]:

@@ -122,3 +122,24 @@ def digit_folder(tmp_path_factory, mnist_test_arrays):
     (root / ".DS_Store").write_bytes(b"\0\0")
     del full
     return root, good
+
+
+@pytest.fixture(scope="session")
+def small_shards(ray_local, tmp_path_factory) -> str:
+    """mnist-sample, 1,000 train and 500 val rows: small enough to train on in seconds."""
+    from mnist_ray.prepare import PrepareConfig, run
+
+    out = str(tmp_path_factory.mktemp("small") / "shards")
+    run(PrepareConfig(output=out, limit=1000))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(small_shards, tmp_path_factory) -> tuple[str, dict]:
+    """A cnn trained by `mnist-ray train` with 2 Ray Train workers: (model dir, summary)."""
+    from mnist_ray.train import TrainConfig, run
+
+    out = str(tmp_path_factory.mktemp("trained") / "model")
+    summary = run(TrainConfig(data=small_shards, output=out, model="cnn", epochs=3, workers=2,
+                              batch_size=64, learning_rate=2e-3))
+    return out, summary

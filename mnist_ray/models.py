@@ -1,0 +1,132 @@
+"""The model registry (timm style): a model is one decorated function; build it by name.
+
+Every model takes float32 images (batch, 28, 28, 1) in [0, 1], white digit on black (the
+MNIST convention), and returns class probabilities (softmax). Models hold no augmentation
+or preprocessing layers, so they convert to TFLite (including full-integer int8) and run
+under MultiWorkerMirroredStrategy unchanged. Keras 2 (tf-keras) throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mnist_ray.errors import MnistRayError
+
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable
+    description: str
+    # Training settings this model was tuned with; `mnist-ray train` flags override them.
+    defaults: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, description: str, **defaults):
+    def wrap(fn):
+        _REGISTRY[name] = ModelSpec(name, fn, description, defaults)
+        return fn
+    return wrap
+
+
+def keras():
+    """tf-keras, imported on first use (TF_USE_LEGACY_KERAS is set by cluster.configure_process_env)."""
+    import tf_keras
+
+    return tf_keras
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise MnistRayError(f"unknown model {name!r}: known models are {', '.join(model_names())} "
+                            "(mnist-ray train --list-models)")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, seed: int | None = None):
+    """A fresh, uncompiled Keras model; ``seed`` makes the initial weights reproducible."""
+    spec = get_spec(name)
+    if seed is not None:
+        keras().utils.set_random_seed(seed)
+    return spec.build()
+
+
+def list_models() -> list[dict]:
+    """Name, parameter count and description of every registered model."""
+    rows = []
+    for name in model_names():
+        spec = _REGISTRY[name]
+        rows.append({"name": name, "params": int(spec.build().count_params()), "description": spec.description})
+    keras().backend.clear_session()
+    return rows
+
+
+@register("mlp", "seed 000: Flatten, Dense 128 + Dropout 0.2, softmax",
+          epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
+def mlp():
+    k = keras()
+    return k.Sequential([
+        k.Input(INPUT_SHAPE),
+        k.layers.Flatten(),
+        k.layers.Dense(128, activation="relu"),
+        k.layers.Dropout(0.2),
+        k.layers.Dense(NUM_CLASSES, activation="softmax"),
+    ], name="mlp")
+
+
+@register("cnn", "seed 001: Conv 32, Conv 64, MaxPool, Dropout 0.25, softmax",
+          epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
+def cnn():
+    k = keras()
+    return k.Sequential([
+        k.Input(INPUT_SHAPE),
+        k.layers.Conv2D(32, 3, activation="relu"),
+        k.layers.Conv2D(64, 3, activation="relu"),
+        k.layers.MaxPooling2D(2),
+        k.layers.Dropout(0.25),
+        k.layers.Flatten(),
+        k.layers.Dense(NUM_CLASSES, activation="softmax"),
+    ], name="cnn")
+
+
+@register("tutorial-cnn", "seed 003: Conv 32, Conv 64, Dense 128, softmax (functional API)",
+          epochs=3, batch_size=32, learning_rate=1e-3, augment=False)
+def tutorial_cnn():
+    k = keras()
+    x0 = k.Input(INPUT_SHAPE)
+    x = k.layers.Conv2D(32, 3, activation="relu")(x0)
+    x = k.layers.Conv2D(64, 3, activation="relu")(x)
+    x = k.layers.Flatten()(x)
+    x = k.layers.Dense(128, activation="relu")(x)
+    return k.Model(x0, k.layers.Dense(NUM_CLASSES, activation="softmax")(x), name="tutorial_cnn")
+
+
+@register("default", "recommended: BN CNN (32-64-128), global pooling; trained with augmentation",
+          epochs=15, batch_size=64, learning_rate=2e-3, augment=True)
+def default():
+    k = keras()
+    x0 = k.Input(INPUT_SHAPE)
+    x = x0
+    for filters in (32, 64):
+        for _ in range(2):
+            x = k.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = k.layers.BatchNormalization()(x)
+            x = k.layers.ReLU()(x)
+        x = k.layers.MaxPooling2D(2)(x)
+    x = k.layers.Conv2D(128, 3, padding="same", use_bias=False)(x)
+    x = k.layers.BatchNormalization()(x)
+    x = k.layers.ReLU()(x)
+    x = k.layers.GlobalAveragePooling2D()(x)
+    x = k.layers.Dropout(0.3)(x)
+    return k.Model(x0, k.layers.Dense(NUM_CLASSES, activation="softmax")(x), name="default")

@@ -1,0 +1,147 @@
+"""Training: pieces without Ray, then real Ray Train runs with 2 workers."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mnist_ray import cluster, preprocess, shards
+from mnist_ray.errors import MnistRayError
+from mnist_ray.train import (HOLDOUT_BUCKETS, TrainConfig, _check_data, assign_split, augment_batch,
+                             decode_for_training, run)
+
+cluster.configure_process_env()
+
+
+def test_holdout_is_stable_and_about_a_tenth_of_train():
+    ids = [f"train-{i:05d}" for i in range(5000)]
+    first = assign_split(ids, ["train"] * 5000, "val", holdout=True)
+    again = assign_split(ids, ["train"] * 5000, "val", holdout=True)
+    assert (first == again).all()
+    assert 0.07 < (first == "val").mean() < 0.13
+    assert set(assign_split(ids[:3], ["test"] * 3, "val", holdout=True)) == {"test"}  # test is never touched
+    assert HOLDOUT_BUCKETS == 10
+
+
+def test_decode_for_training_uses_the_shared_preprocessing_and_keeps_its_schema_when_empty():
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    batch = pa.table({"id": ["a", "b", "c", "d"], "image": preprocess.encode_png(images),
+                      "label": pa.array([1, 2, 3, 4], pa.int8()), "split": ["train", "val", "train", "val"]})
+    out = decode_for_training(batch, ["train"], "val", holdout=False)
+    np.testing.assert_array_equal(out["image"].combine_chunks().to_numpy_ndarray(), preprocess.normalize(images[[0, 2]]))
+    assert out["label"].to_pylist() == [1, 3]
+    empty = decode_for_training(batch, ["test"], "val", holdout=False)
+    assert empty.num_rows == 0 and empty.schema == out.schema
+
+
+def test_augmentation_keeps_shape_and_mass_and_varies_with_the_seed():
+    import tensorflow as tf
+
+    x = preprocess.normalize(np.pad(np.full((2, 8, 8), 255, np.uint8), ((0, 0), (10, 10), (10, 10))))
+    a = augment_batch(tf.constant(x), tf.constant([1, 2])).numpy()
+    b = augment_batch(tf.constant(x), tf.constant([1, 3])).numpy()
+    assert a.shape == x.shape and not np.allclose(a, b)
+    assert 0.7 < a.sum() / x.sum() < 1.4  # a digit stays a digit: rotation/scale/shift only
+
+
+def test_config_takes_the_models_defaults_and_names_runs_deterministically():
+    cfg = TrainConfig(model="cnn").resolved()
+    assert cfg.epochs == 5 and cfg.batch_size == 32 and cfg.augment is False
+    assert cfg.storage_path.endswith("train-runs")
+    assert TrainConfig(model="cnn", epochs=9).resolved().epochs == 9
+    assert cfg.run_name("sha256:a") == cfg.run_name("sha256:a") != cfg.run_name("sha256:b")
+    assert TrainConfig(model="cnn", seed=1).resolved().run_name("sha256:a") != cfg.run_name("sha256:a")
+
+
+def test_data_checks_catch_unlabelled_and_missing_splits():
+    manifest = {"splits": {"train": {"rows": 10, "labels": {"1": 5, "none": 5}}}}
+    with pytest.raises(MnistRayError, match="without labels"):
+        _check_data(TrainConfig(), manifest)
+    with pytest.raises(MnistRayError, match="no rows in split 'train'"):
+        _check_data(TrainConfig(), {"splits": {"test": {"rows": 10, "labels": {"1": 10}}}})
+    splits, holdout, rows = _check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
+    assert splits == ["train"] and holdout and rows == 90
+
+
+# --- real Ray Train ------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_two_workers_learn_and_export_a_complete_model_dir(trained_model):
+    out, summary = trained_model
+    history = summary["history"] if "history" in summary else None
+    metadata = json.loads((Path(out) / "metadata.json").read_text())
+    assert summary["epochs"] == 3 and metadata["metrics"]["final"]["epoch"] == 3
+    assert metadata["val_accuracy" if False else "metrics"]["val_accuracy"] >= 0.85  # 1,000 digits, 3 epochs
+    assert metadata["version"].startswith("cnn-") and len(metadata["version"]) == 16
+    assert metadata["data"]["fingerprint"].startswith("sha256:")
+    assert metadata["class_names"] == [str(i) for i in range(10)]
+    assert {"tensorflow", "tf_keras", "ray", "numpy"} <= set(metadata["versions"])
+    for name in ("model.keras", "saved_model/saved_model.pb", "curves.png", "variants.json", "_SUCCESS"):
+        assert (Path(out) / name).exists(), name
+    assert not list(Path(out).parent.glob(".*staging*"))
+    del history
+
+
+@pytest.mark.e2e
+def test_refuses_to_overwrite_a_model_dir(trained_model, small_shards):
+    out, _ = trained_model
+    with pytest.raises(MnistRayError, match="--overwrite"):
+        run(TrainConfig(data=small_shards, output=out, model="cnn", epochs=1))
+
+
+@pytest.mark.e2e
+def test_bad_input_fails_before_training(ray_local, small_shards, tmp_path):
+    with pytest.raises(MnistRayError, match="unknown model 'resnet'"):
+        run(TrainConfig(data=small_shards, output=str(tmp_path / "m"), model="resnet"))
+    with pytest.raises(MnistRayError, match="need .* CPUs"):
+        run(TrainConfig(data=small_shards, output=str(tmp_path / "m"), model="cnn", workers=8))
+    with pytest.raises(MnistRayError, match="GPU"):
+        run(TrainConfig(data=small_shards, output=str(tmp_path / "m"), model="cnn", use_gpu=True))
+    with pytest.raises(MnistRayError, match="no rows in split 'extra'"):
+        run(TrainConfig(data=small_shards, output=str(tmp_path / "m"), model="cnn", train_splits="extra"))
+    with pytest.raises(MnistRayError, match="nothing to resume"):
+        run(TrainConfig(data=small_shards, output=str(tmp_path / "m"), model="cnn", resume=True,
+                        storage_path=str(tmp_path / "runs")))
+    with pytest.raises(MnistRayError, match="no dataset"):
+        run(TrainConfig(data=str(tmp_path / "nothing"), output=str(tmp_path / "m"), model="cnn"))
+    assert not (tmp_path / "m").exists()
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::RayTrainWorker")]
+
+
+@pytest.mark.e2e
+def test_a_killed_worker_resumes_from_the_last_checkpoint(small_shards, tmp_path):
+    runs = tmp_path / "runs"
+    cfg = TrainConfig(data=small_shards, output=str(tmp_path / "model"), model="mlp", epochs=4,
+                      workers=2, batch_size=32, storage_path=str(runs), max_failures=2)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run(cfg)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    # The controller writes its snapshot once a checkpoint is registered: kill after that,
+    # while the next epoch runs (killing during the report would rightly restart from zero).
+    while not list(runs.glob("*/checkpoint_manager_snapshot.json")):
+        assert thread.is_alive() and time.monotonic() < deadline, "no checkpoint was ever registered"
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "found no Ray Train worker to kill"
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and result, "training did not finish after the worker was killed"
+    metadata = json.loads((tmp_path / "model" / "metadata.json").read_text())
+    history = metadata["metrics"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # exactly the requested epochs, none twice
+    assert history[0]["resumed_at_epoch"] == 0
+    assert history[-1]["resumed_at_epoch"] >= 1  # the restarted workers continued from a checkpoint
