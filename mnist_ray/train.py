@@ -29,7 +29,9 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_BUCKETS = 10  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
+HOLDOUT_BUCKETS = 10
+# Recipe settings a model spec may set (models.register); not flags, since they belong to the model.
+RECIPE_DEFAULTS = {"weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0, "ema_momentum": None}  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
 
 
 @dataclass(frozen=True)
@@ -170,30 +172,81 @@ def _cpus_per_worker(cfg: TrainConfig) -> float:
 
 # --- the training loop (runs inside every Ray Train worker) ------------------------------------
 
-def augment_batch(images, seed):
-    """Random affine jitter of a batch (rotation, scale, shift), as handwriting varies."""
+def augment_batch(images, seed, max_rotation_deg=12.0, max_scale=0.12, max_shear_deg=8.0, max_shift=2.5):
+    """A random affine map per image (rotation, scale, shear, shift), as handwriting varies.
+
+    ``images``: float32 (B, 28, 28, 1) in [0, 1]; ``seed``: int tensor of shape [2] (stateless,
+    so a restarted epoch sees the same augmentation).
+    """
     import tensorflow as tf
 
-    n = tf.shape(images)[0]
-    rng = tf.random.stateless_uniform
-    angle = rng([n], seed, -0.2, 0.2)  # radians, about +-11 degrees
-    scale = rng([n], seed + 1, 0.9, 1.1)
-    shift = rng([n, 2], seed + 2, -2.5, 2.5)
-    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
-    c = 13.5  # rotate and scale about the image centre
-    tx = c - cos * c + sin * c - shift[:, 0]
-    ty = c - (-sin) * c - cos * c - shift[:, 1]
-    zeros = tf.zeros([n])
-    transforms = tf.stack([cos, -sin, tx, sin, cos, ty, zeros, zeros], axis=1)
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=transforms, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    images = tf.convert_to_tensor(images, tf.float32)
+    b = tf.shape(images)[0]
+    h, w = tf.cast(tf.shape(images)[1], tf.float32), tf.cast(tf.shape(images)[2], tf.float32)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
+
+    def uniform(i, limit, center=0.0):
+        return tf.random.stateless_uniform([b], seeds[i], center - limit, center + limit)
+
+    rad = math.pi / 180.0
+    rotation, shear = uniform(0, max_rotation_deg) * rad, uniform(1, max_shear_deg) * rad
+    inv_scale = 1.0 / uniform(2, max_scale, 1.0)
+    tx, ty = uniform(3, max_shift), uniform(4, max_shift)
+    cos, sin = tf.cos(rotation), tf.sin(rotation)
+    a0, a1 = cos * inv_scale, (-sin + cos * tf.tan(shear)) * inv_scale
+    b0, b1 = sin * inv_scale, (cos + sin * tf.tan(shear)) * inv_scale
+    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0  # about the image centre
+    a2, b2 = cx - a0 * cx - a1 * cy - tx, cy - b0 * cx - b1 * cy - ty
+    zeros = tf.zeros_like(a0)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1),
+        output_shape=tf.shape(images)[1:3], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
+    return tf.clip_by_value(out, 0.0, 1.0)
 
 
-def build_optimizer(learning_rate: float, total_steps: int):
+def build_optimizer(config: dict):
+    """AdamW with a linear warmup then cosine decay to 0, and an optional weight EMA."""
     k = models.keras()
-    schedule = k.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(total_steps, 1), alpha=0.01)
-    return k.optimizers.Adam(schedule)
+    steps = config["steps_per_epoch"]
+    warmup = config["warmup_epochs"] * steps
+    decay = max(config["epochs"] * steps - warmup, 1)
+    lr = config["learning_rate"]
+    if warmup:
+        schedule = k.optimizers.schedules.CosineDecay(lr / 10, decay, alpha=0.0, warmup_target=lr,
+                                                      warmup_steps=warmup)
+    else:
+        schedule = k.optimizers.schedules.CosineDecay(lr, decay, alpha=0.0)
+    # Not the optimizer's own EMA: Model.fit copies it into the weights at the end of every
+    # fit() call, i.e. every epoch here, and it leaves BatchNorm statistics out.
+    return k.optimizers.AdamW(schedule, weight_decay=config["weight_decay"])
+
+
+class WeightEMA:
+    """Exponential moving average of all weights, BatchNorm statistics included, kept across
+    epochs and checkpoints; the exported model is the average."""
+
+    def __init__(self, model, decay: float, state: dict | None = None):
+        self.model, self.decay = model, decay
+        if state is None:
+            self.steps, self.shadow = 0, [np.array(w, np.float64) for w in model.get_weights()]
+        else:
+            self.steps, self.shadow = int(state["steps"]), [state[f"w{i}"] for i in range(len(state) - 1)]
+
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))  # warm up from the start
+        for s, w in zip(self.shadow, self.model.get_weights()):
+            s *= d
+            s += (1.0 - d) * w
+
+    def callback(self):
+        return models.keras().callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: self.update())
+
+    def state(self) -> dict:
+        return {"steps": np.array(self.steps), **{f"w{i}": s for i, s in enumerate(self.shadow)}}
+
+    def apply(self) -> None:
+        self.model.set_weights([s.astype(np.float32) for s in self.shadow])
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -201,6 +254,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import tensorflow as tf
 
+    # As many TF threads as CPUs reserved: two workers sharing two cores with TF's default
+    # (a thread per core each) oversubscribe them and slow every collective step.
+    threads = max(1, int(config["cpus_per_worker"]))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
     k = models.keras()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -210,16 +268,22 @@ def train_loop_per_worker(config: dict) -> None:
         communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 << 20))
     checkpoint = ray.train.get_checkpoint()
     history: list[dict] = []
+    ema_state = None
     with strategy.scope():
         if checkpoint:
             with checkpoint.as_directory() as d:
                 model = k.models.load_model(os.path.join(d, "model.keras"))
                 with open(os.path.join(d, "state.json")) as f:
                     history = json.load(f)["history"]
+                if os.path.exists(os.path.join(d, "ema.npz")):
+                    with np.load(os.path.join(d, "ema.npz")) as z:
+                        ema_state = dict(z)
         else:
             model = models.create_model(config["model"], seed=config["seed"])
-            model.compile(optimizer=build_optimizer(config["learning_rate"], config["total_steps"]),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model.compile(optimizer=build_optimizer(config),
+                          loss=k.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
+                          metrics=["accuracy"])
+    ema = WeightEMA(model, config["ema_momentum"], ema_state) if config["ema_momentum"] else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     start_epoch = len(history)
@@ -227,17 +291,26 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
     for epoch in range(start_epoch, config["epochs"]):  # never past the requested count
         started = time.perf_counter()
-        ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"],
+        # drop_last: a tiny last batch would drag BatchNorm's moving variance towards 0.
+        ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
                                local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)))
         if config["augment"]:
-            seed = tf.constant([config["seed"], epoch], tf.int32)
-            ds = ds.enumerate().map(lambda i, xy: (augment_batch(xy[0], seed + tf.cast(i, tf.int32) * 3), xy[1]),
-                                    num_parallel_calls=tf.data.AUTOTUNE)
+            offset = (config["seed"] * 1000 + epoch) * 100_000 + rank * 10_000
+            ds = ds.enumerate().map(
+                lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.prefetch(2)
         steps_before = int(model.optimizer.iterations.numpy())
-        fit = model.fit(ds, epochs=1, verbose=0)
+        fit = model.fit(ds, epochs=1, verbose=0, callbacks=[ema.callback()] if ema else [])
         seconds = time.perf_counter() - started
         steps = int(model.optimizer.iterations.numpy()) - steps_before
-        val = model.evaluate(val_shard.to_tf("image", "label", batch_size=1024), verbose=0, return_dict=True)
+        last = epoch + 1 == config["epochs"]
+        if last and ema:
+            ema.apply()  # the model to keep is the average; earlier epochs validate raw weights
+        val_ds = val_shard.to_tf("image", "label", batch_size=1024)
+        val = model.evaluate(val_ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES))),
+                             verbose=0, return_dict=True)
         metrics = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]),
                    "accuracy": float(fit.history["accuracy"][-1]),
                    "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
@@ -253,6 +326,8 @@ def train_loop_per_worker(config: dict) -> None:
             model.save(os.path.join(d, "model.keras"))
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({"history": history}, f)
+            if ema and not last:
+                np.savez(os.path.join(d, "ema.npz"), **ema.state())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
@@ -307,17 +382,22 @@ def run(cfg: TrainConfig) -> dict:
 
     started = time.perf_counter()
     # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
-    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout).materialize()
+    # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
+    # share holds half the classes computes skewed BatchNorm statistics.
+    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout).random_shuffle(
+        seed=cfg.seed).materialize()
     val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
     if val_ds.count() == 0:
         raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")
-    steps = math.ceil(train_rows / cfg.batch_size)
+    steps = train_rows // cfg.batch_size
+    spec = models.get_spec(cfg.model)
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
             "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate, "augment": cfg.augment, "seed": cfg.seed,
-            "total_steps": steps * cfg.epochs, "train_rows": train_rows,
+            "steps_per_epoch": steps, "train_rows": train_rows, "cpus_per_worker": cpus,
+            **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}),

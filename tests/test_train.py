@@ -13,8 +13,8 @@ import pytest
 
 from mnist_ray import cluster, preprocess, shards
 from mnist_ray.errors import MnistRayError
-from mnist_ray.train import (HOLDOUT_BUCKETS, TrainConfig, _check_data, assign_split, augment_batch,
-                             decode_for_training, run)
+from mnist_ray.train import (HOLDOUT_BUCKETS, TrainConfig, WeightEMA, _check_data, assign_split,
+                             augment_batch, decode_for_training, run)
 
 cluster.configure_process_env()
 
@@ -48,6 +48,23 @@ def test_augmentation_keeps_shape_and_mass_and_varies_with_the_seed():
     b = augment_batch(tf.constant(x), tf.constant([1, 3])).numpy()
     assert a.shape == x.shape and not np.allclose(a, b)
     assert 0.7 < a.sum() / x.sum() < 1.4  # a digit stays a digit: rotation/scale/shift only
+
+
+def test_weight_ema_averages_every_weight_and_survives_a_checkpoint():
+    from mnist_ray import models
+
+    model = models.create_model("default", seed=0)  # BatchNorm statistics are weights too
+    start = [w.copy() for w in model.get_weights()]
+    ema = WeightEMA(model, decay=0.9)
+    model.set_weights([w + 1.0 for w in start])
+    for _ in range(50):
+        ema.update()
+    restored = WeightEMA(model, decay=0.9, state=ema.state())
+    assert restored.steps == 50
+    restored.apply()
+    for before, after in zip(start, model.get_weights()):
+        np.testing.assert_allclose(after, before + 1.0, atol=0.01)  # converged on the new weights
+    assert len(ema.shadow) == len(start) > len(model.trainable_weights)
 
 
 def test_config_takes_the_models_defaults_and_names_runs_deterministically():
