@@ -149,7 +149,7 @@ def run(cfg: PrepareConfig) -> dict:
         ds.write_datasink(sink)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
-    summary = shards.summarize(sink.results)
+    summary = shards.summarize(sink.files(), sink.reports())
     if summary["rows"] + len(summary["rejected"]) != expected:
         raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
                             f"{len(summary['rejected'])} rejected; nothing was published")

@@ -39,21 +39,83 @@ def decode_gray_batch(images: list[bytes] | np.ndarray) -> np.ndarray:
 
 
 MODEL_SIZE = 28
+DIGIT_BOX = 20  # MNIST fits each digit in 20x20 and centres its mass in 28x28
+
+
+def decode_for_model(data: bytes) -> np.ndarray:
+    """Image bytes -> uint8 grayscale (H, W); large JPEGs are decoded at a reduced scale."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            image.draft("L", (8 * MODEL_SIZE, 8 * MODEL_SIZE))  # DCT scaling: photos decode fast
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            # Transparent pixels are paper: composite on white before dropping alpha.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return np.asarray(image.convert("L"))
+
+
+def mnist_like(gray: np.ndarray) -> np.ndarray:
+    """A grayscale picture of one digit -> 28x28 uint8 the way MNIST digits look: white on black,
+    the digit cropped, fit in a 20x20 box (aspect kept) and centred by its centre of mass.
+
+    28x28 input is taken as already MNIST-like (only the polarity is checked), so MNIST and
+    Fashion-MNIST images pass through unchanged.
+    """
+    img = gray.astype(np.float32)
+    border = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
+    if np.median(border) > 127:  # dark ink on light paper
+        img, border = 255.0 - img, 255.0 - border
+    if img.shape == (MODEL_SIZE, MODEL_SIZE):
+        return np.clip(img, 0, 255).astype(np.uint8)
+    img = np.clip(img - np.percentile(border, 90), 0, None)  # paper texture and shading -> 0
+    peak = img.max()
+    if peak < 16:
+        raise ValueError("blank image: no digit found")
+    img *= 255.0 / peak
+    ys, xs = np.nonzero(img > 0.25 * 255)
+    crop = img[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    h, w = crop.shape
+    scale = DIGIT_BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    digit = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS),
+                       dtype=np.float32)
+    total = digit.sum()
+    cy, cx = ((np.arange(digit.shape[0]) @ digit.sum(1)) / total, (np.arange(digit.shape[1]) @ digit.sum(0)) / total) \
+        if total > 0 else (digit.shape[0] / 2, digit.shape[1] / 2)
+    top = int(np.clip(round(MODEL_SIZE / 2 - cy), 0, MODEL_SIZE - digit.shape[0]))
+    left = int(np.clip(round(MODEL_SIZE / 2 - cx), 0, MODEL_SIZE - digit.shape[1]))
+    out = np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32)
+    out[top: top + digit.shape[0], left: left + digit.shape[1]] = digit
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def prepare_batch(images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    """Encoded images -> model input (N, 28, 28, 1) float32 and one error (or None) per image.
+
+    A row that cannot be decoded gets zeros and its error: the batch goes on.
+    """
+    pixels = np.zeros((len(images), MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
+    errors: list[str | None] = [None] * len(images)
+    for i, data in enumerate(images):
+        try:
+            if data is None:
+                raise ValueError("no image bytes")
+            pixels[i] = mnist_like(decode_for_model(data))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            errors[i] = f"{type(e).__name__}: {e}"
+    return normalize(pixels), errors
 
 
 def to_model_input(images: list[bytes]) -> np.ndarray:
     """Encoded images -> the model's input: float32 (N, 28, 28, 1) in [0, 1], white on black.
 
-    Shared by training and inference, so the two cannot drift.
+    Shared by training and inference, so the two cannot drift. Raises on an undecodable image.
     """
-    out = np.empty((len(images), MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
-    for i, data in enumerate(images):
-        with Image.open(io.BytesIO(data)) as image:
-            gray = image.convert("L")
-            if gray.size != (MODEL_SIZE, MODEL_SIZE):
-                gray = gray.resize((MODEL_SIZE, MODEL_SIZE), Image.Resampling.BILINEAR)
-            out[i] = np.asarray(gray)
-    return normalize(out)
+    pixels, errors = prepare_batch(images)
+    bad = next((e for e in errors if e), None)
+    if bad:
+        raise ValueError(f"cannot prepare an image for the model: {bad}")
+    return pixels
 
 
 def normalize(pixels: np.ndarray) -> np.ndarray:

@@ -77,14 +77,20 @@ class TFLiteRuntime:
         return y.astype(np.float32)
 
 
-def load(model_dir: str, runtime: str = "tf", num_threads: int | None = None):
-    """The runtime ``runtime`` of a local model dir."""
+def check(model_dir: str, runtime: str) -> str:
+    """The file of ``runtime`` in a local model dir, or a clear error."""
     if runtime not in RUNTIME_FILES:
         raise MnistRayError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIME_FILES)}")
     path = os.path.join(model_dir, RUNTIME_FILES[runtime])
     if not os.path.exists(path):
         raise MnistRayError(f"{model_dir} has no {runtime} variant ({RUNTIME_FILES[runtime]} is missing): "
                             "retrain with TFLite export on, or pick another --runtime")
+    return path
+
+
+def load(model_dir: str, runtime: str = "tf", num_threads: int | None = None):
+    """The runtime ``runtime`` of a local model dir."""
+    path = check(model_dir, runtime)
     return KerasRuntime(path) if runtime == "tf" else TFLiteRuntime(path, num_threads)
 
 

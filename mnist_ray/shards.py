@@ -15,10 +15,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
 
 from mnist_ray import storage
+from mnist_ray.sink import ParquetPartSink
 
 SCHEMA_VERSION = 1
 KIND = "image-shards"
@@ -60,85 +59,41 @@ def fingerprint(content_xor: np.ndarray, counts: dict) -> str:
     return "sha256:" + h.hexdigest()
 
 
-class ShardSink(Datasink):
-    """Writes shards of about ``rows_per_shard`` rows and reports what each write task stored.
-
-    Rows with a non-null ``error`` column are not stored: their ``path`` and error come back
-    to the driver (``on_write_complete``) to be listed in the manifest. File names carry the
-    run id, so a rerun never collides with the files of an earlier, unfinished run.
-    """
+class ShardSink(ParquetPartSink):
+    """Writes shards of at most ``rows_per_shard`` rows; rows with a non-null ``error`` column are
+    not stored but reported (id, path, error) for the manifest, with counts and row digests."""
 
     def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
-        self.loc = loc
-        self.run_id = run_id
-        self.rows_per_shard = rows_per_shard
-        self.max_shard_bytes = max_shard_bytes
-        self.results: list[dict] = []
+        super().__init__(loc, run_id, SCHEMA, rows_per_shard, max_shard_bytes)
 
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
-
-    def write(self, blocks: Iterable, ctx) -> dict:
-        files, rejected, digests = [], [], []
-        counts: Counter = Counter()
-        writer, name, rows, nbytes = None, None, 0, 0
-
-        def close():
-            if writer is not None:
-                writer.close()
-                files.append({"path": name, "rows": rows,
-                              "bytes": self.loc.fs.get_file_info(self.loc.join(name)).size})
-
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            if "error" in table.column_names:
-                bad = table.filter(table["error"].is_valid())
-                rejected += [{"id": i, "path": p, "error": e} for i, p, e in
-                             zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
-                table = table.filter(table["error"].is_null())
-            if table.num_rows == 0:
-                continue
-            table = table.select(SCHEMA.names).cast(SCHEMA)
-            digests.append(row_digests(table))
-            counts.update(zip(table["split"].to_pylist(), table["label"].to_pylist()))
-            while table.num_rows:
-                if writer is not None and (rows >= self.rows_per_shard or nbytes >= self.max_shard_bytes):
-                    close()
-                    writer = None
-                if writer is None:
-                    name = f"part-{self.run_id}-{ctx.task_idx:05d}-{len(files):03d}.parquet"
-                    writer = pq.ParquetWriter(self.loc.join(name), SCHEMA, filesystem=self.loc.fs)
-                    rows, nbytes = 0, 0
-                piece = table.slice(0, self.rows_per_shard - rows)
-                table = table.slice(piece.num_rows)
-                writer.write_table(piece)
-                rows += piece.num_rows
-                nbytes += piece.nbytes
-        close()
-        return {"files": files, "rejected": rejected, "xor": xor_digest(digests).tobytes(),
-                "counts": [(s, l, n) for (s, l), n in counts.items()]}
-
-    def on_write_complete(self, write_result) -> None:
-        self.results = [r for r in write_result.write_returns if r]
+    def select(self, table: pa.Table) -> tuple[pa.Table, dict]:
+        rejected = []
+        if "error" in table.column_names:
+            bad = table.filter(table["error"].is_valid())
+            rejected = [{"id": i, "path": p, "error": e} for i, p, e in
+                        zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
+            table = table.filter(table["error"].is_null())
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+        counts = Counter(zip(table["split"].to_pylist(), table["label"].to_pylist()))
+        return table, {"rejected": rejected, "xor": xor_digest([row_digests(table)]).tobytes(),
+                       "counts": [(s, l, n) for (s, l), n in counts.items()]}
 
 
-def summarize(results: list[dict]) -> dict:
+def summarize(files: list[dict], reports: list[dict]) -> dict:
     """Merge the write tasks' reports into the manifest's files, counts and fingerprint."""
     counts: dict = {}
-    for result in results:
-        for split, label, n in result["counts"]:
+    for report in reports:
+        for split, label, n in report["counts"]:
             entry = counts.setdefault(str(split) if split is not None else "none", {"rows": 0, "labels": {}})
             entry["rows"] += n
             key = str(label) if label is not None else "none"
             entry["labels"][key] = entry["labels"].get(key, 0) + n
     for entry in counts.values():
         entry["labels"] = dict(sorted(entry["labels"].items(), key=lambda kv: (len(kv[0]), kv[0])))
-    files = sorted((f for r in results for f in r["files"]), key=lambda f: f["path"])
     # A retried write task reports its rejects again: list each file once.
-    rejected = sorted({r["path"]: r for res in results for r in res["rejected"]}.values(),
+    rejected = sorted({r["path"]: r for rep in reports for r in rep["rejected"]}.values(),
                       key=lambda r: r["path"])
-    xor = xor_digest(np.frombuffer(r["xor"], dtype=np.uint8)[None] for r in results)
+    xor = xor_digest(np.frombuffer(r["xor"], dtype=np.uint8)[None] for r in reports)
     return {
         "rows": sum(c["rows"] for c in counts.values()),
         "splits": dict(sorted(counts.items())),

@@ -1,0 +1,163 @@
+"""Batch inference: the predictor without Ray, then the whole job on a real local Ray."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mnist_ray import cluster, infer, preprocess, runtimes, shards
+from mnist_ray.errors import MnistRayError
+from mnist_ray.infer import InferConfig, Predictor, prepare_rows, run
+
+cluster.configure_process_env()
+
+
+def _rows(images: list, labels=None, paths=None) -> pa.Table:
+    n = len(images)
+    return pa.table({"id": [f"r{i}" for i in range(n)], "image": pa.array(images, pa.binary()),
+                     "label": pa.array(labels if labels is not None else [None] * n, pa.int8()),
+                     "path": pa.array(paths or [None] * n, pa.string())})
+
+
+def _fake_model(x: np.ndarray) -> np.ndarray:
+    """Class = the brightest row band: deterministic, no TensorFlow."""
+    scores = x.reshape(len(x), -1)[:, :780].reshape(len(x), 10, 78).mean(axis=2) + 1e-3
+    return (scores / scores.sum(1, keepdims=True)).astype(np.float32)
+
+
+def test_predictor_scores_batches_and_keeps_error_rows(mnist_test_arrays):
+    images, labels = mnist_test_arrays
+    encoded = preprocess.encode_png(images[:6])
+    encoded[2] = b"not an image"
+    batch = prepare_rows(_rows(encoded, labels=[int(v) for v in labels[:6]]))
+    calls = []
+    predictor = Predictor(lambda: lambda x: calls.append(len(x)) or _fake_model(x), "m-1")
+    out = predictor(batch)
+    assert calls == [5]  # one model call per batch, only for the rows that decoded
+    assert out.num_rows == 6 and out["id"].to_pylist() == [f"r{i}" for i in range(6)]
+    assert out["error"][2].as_py().startswith("UnidentifiedImageError")
+    assert out["prediction"][2].as_py() is None and out["confidence"][2].as_py() is None
+    expected = _fake_model(preprocess.normalize(images[[0, 1, 3, 4, 5]]))
+    assert [out["prediction"][i].as_py() for i in (0, 1, 3, 4, 5)] == expected.argmax(1).tolist()
+    probs = np.array(out["probabilities"].to_pylist())
+    np.testing.assert_allclose(probs[[0, 1, 3, 4, 5]], expected, rtol=1e-6)
+    assert out["label"].to_pylist() == [int(v) for v in labels[:6]]
+    assert set(out["model_version"].to_pylist()) == {"m-1"}
+    assert out.schema.field("probabilities").type == pa.list_(pa.float32(), 10)
+
+
+def test_a_model_failure_turns_the_batch_into_error_rows(mnist_test_arrays):
+    images, _ = mnist_test_arrays
+
+    def broken(x):
+        raise RuntimeError("out of memory")
+
+    out = Predictor(lambda: broken, "m")(prepare_rows(_rows(preprocess.encode_png(images[:3]))))
+    assert all("scoring failed: RuntimeError: out of memory" in e for e in out["error"].to_pylist())
+
+
+def test_config_checks():
+    assert InferConfig(actors="2..4").pool() == (2, 4) and InferConfig(actors="3").pool() == (3, 3)
+    for bad in ("0", "4..2", "x"):
+        with pytest.raises(MnistRayError, match="--actors"):
+            InferConfig(actors=bad).pool()
+    with pytest.raises(MnistRayError, match="unknown runtime"):
+        InferConfig(runtime="onnx").validate()
+
+
+def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert infer._pool_resources(InferConfig()) == (1, 1, 0.0)  # the default leaves a CPU to read
+    with pytest.raises(MnistRayError, match="starve"):
+        infer._pool_resources(InferConfig(actors="2"))
+    assert infer._pool_resources(InferConfig(gpus_per_actor=0.5))[2] == 0.0  # no GPU: runs on CPU
+    with pytest.raises(MnistRayError, match="no GPU"):
+        infer._pool_resources(InferConfig(gpus_per_actor=1, require_gpu=True))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
+    assert infer._pool_resources(InferConfig(actors="2", gpus_per_actor=0.5)) == (2, 2, 0.5)
+
+
+# --- the whole job ---------------------------------------------------------------------------
+
+
+def _predictions(uri: str) -> pa.Table:
+    loc, manifest = infer.open_predictions(uri)
+    return pa.concat_tables(pq.read_table(loc.join(f["path"]), filesystem=loc.fs) for f in manifest["files"])
+
+
+@pytest.mark.e2e
+def test_infer_on_shards_equals_in_process_predictions(trained_model, small_shards, tmp_path):
+    model_dir, _ = trained_model
+    out = str(tmp_path / "preds")
+    summary = run(InferConfig(model=model_dir, input=small_shards, output=out, batch_size=128))
+    table = _predictions(out).sort_by("id")
+    source = shards.read_table(small_shards).sort_by("id")
+    assert summary["rows"] == table.num_rows == source.num_rows and summary["errors"] == 0
+    assert table["id"].equals(source["id"])
+    assert table["label"].to_pylist() == source["label"].to_pylist()
+    pixels, _ = preprocess.prepare_batch(source["image"].to_pylist())
+    expected = runtimes.predict_batched(runtimes.load(model_dir, "tf"), pixels).argmax(1)
+    assert (table["prediction"].to_numpy() == expected).mean() > 0.999
+    manifest = json.loads((Path(out) / "_manifest.json").read_text())
+    assert manifest["kind"] == "predictions" and manifest["rows"] == source.num_rows
+    assert manifest["model"]["version"] == json.loads((Path(model_dir) / "metadata.json").read_text())["version"]
+    assert manifest["input"]["fingerprint"].startswith("sha256:") and manifest["images_per_s"] > 0
+    with pytest.raises(MnistRayError, match="--overwrite"):
+        run(InferConfig(model=model_dir, input=small_shards, output=out))
+
+
+@pytest.mark.e2e
+def test_raw_image_files_with_corrupt_ones_and_the_error_rate_limit(trained_model, digit_folder, tmp_path):
+    model_dir, _ = trained_model
+    root, good = digit_folder
+    out = str(tmp_path / "preds")
+    summary = run(InferConfig(model=model_dir, input=str(root), output=out, runtime="tflite-int8",
+                              max_error_rate=0.1))
+    table = _predictions(out)
+    assert summary["rows"] == table.num_rows == len(good) + 2 and summary["errors"] == 2
+    errors = {i: e for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist()) if e}
+    assert set(errors) == {"3/broken.png", "5/truncated.jpg"}
+    labels = dict(zip(table["id"].to_pylist(), table["label"].to_pylist()))
+    assert all(labels[k] == v for k, v in good.items())
+    manifest = json.loads((Path(out) / "_manifest.json").read_text())
+    assert sorted(q["id"] for q in manifest["quarantine"]) == ["3/broken.png", "5/truncated.jpg"]
+    strict = tmp_path / "strict"
+    with pytest.raises(MnistRayError, match="could not be scored"):
+        run(InferConfig(model=model_dir, input=str(root), output=str(strict), max_error_rate=0.01))
+    assert not (strict / "_SUCCESS").exists()
+
+
+@pytest.mark.e2e
+def test_raw_image_files_on_s3(trained_model, digit_folder, s3_bucket):
+    import boto3
+
+    model_dir, _ = trained_model
+    root, good = digit_folder
+    s3 = boto3.client("s3")
+    for rel in list(good)[:12]:
+        s3.upload_file(str(root / rel), s3_bucket, f"photos/{rel}")
+    out = f"s3://{s3_bucket}/predictions"
+    summary = run(InferConfig(model=model_dir, input=f"s3://{s3_bucket}/photos", output=out))
+    table = _predictions(out)
+    assert summary["rows"] == table.num_rows == 12 and summary["errors"] == 0
+    assert all(p.startswith(f"s3://{s3_bucket}/photos/") for p in table["path"].to_pylist())
+
+
+@pytest.mark.e2e
+def test_a_broken_model_dir_fails_before_the_pool_starts(trained_model, small_shards, tmp_path):
+    import shutil
+
+    model_dir, _ = trained_model
+    with pytest.raises(MnistRayError, match="no model dir"):
+        run(InferConfig(model=str(tmp_path / "nothing"), input=small_shards, output=str(tmp_path / "p")))
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "tflite" / "int8.tflite").unlink()
+    with pytest.raises(MnistRayError, match="no tflite-int8 variant"):
+        run(InferConfig(model=str(broken), input=small_shards, output=str(tmp_path / "p"), runtime="tflite-int8"))
+    assert not (tmp_path / "p").exists()
