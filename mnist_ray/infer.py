@@ -18,6 +18,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from mnist_ray import __version__, cluster, datasets, export, preprocess, runtimes, shards, storage
@@ -222,10 +223,10 @@ def reconcile(expected_ids: pa.Array, files: list[dict], loc: storage.Location) 
     written = pa.concat_arrays([pq.read_table(loc.join(f["path"]), columns=["id"], filesystem=loc.fs)["id"]
                                 .combine_chunks() for f in files]) if files else pa.array([], pa.string())
     expected = expected_ids.combine_chunks() if isinstance(expected_ids, pa.ChunkedArray) else expected_ids
-    if len(written) != len(expected) or not pa.compute.all(pa.compute.is_in(expected, written)).as_py() \
-            or len(pa.compute.unique(written)) != len(written):
+    if len(written) != len(expected) or not pc.all(pc.is_in(expected, written)).as_py() \
+            or len(pc.unique(written)) != len(written):
         raise MnistRayError(f"reconciliation failed: {len(expected)} input rows, {len(written)} output rows "
-                            f"({len(pa.compute.unique(written))} distinct ids); nothing was published")
+                            f"({len(pc.unique(written))} distinct ids); nothing was published")
 
 
 def _smoke_test(model_local: str, cfg: InferConfig, ds) -> None:
@@ -244,8 +245,6 @@ def _smoke_test(model_local: str, cfg: InferConfig, ds) -> None:
 
 def run(cfg: InferConfig) -> dict:
     """Score ``cfg.input`` with the model dir ``cfg.model``; publish predictions at ``cfg.output``."""
-    import pyarrow.compute  # noqa: F401 - reconcile uses pa.compute
-
     cluster.configure_process_env()
     cfg.validate()
     started = time.perf_counter()
@@ -280,9 +279,10 @@ def run(cfg: InferConfig) -> dict:
     reconcile(expected_ids, files, loc)
     import pyarrow.parquet as pq
 
-    errors = pa.concat_tables(pq.read_table(loc.join(f["path"]), columns=["id", "path", "error"],
-                                            filesystem=loc.fs) for f in files) if files else None
-    bad = errors.filter(errors["error"].is_valid()) if errors is not None else None
+    # Only the failed rows come back to the driver (a pushed-down filter), however many rows.
+    bad = pa.concat_tables(pq.read_table(loc.join(f["path"]), columns=["id", "path", "error"],
+                                         filesystem=loc.fs, filters=pc.field("error").is_valid())
+                           for f in files) if files else None
     rows = len(expected_ids)
     error_rows = bad.num_rows if bad is not None else 0
     if rows and error_rows / rows > cfg.max_error_rate:

@@ -161,3 +161,49 @@ def test_a_broken_model_dir_fails_before_the_pool_starts(trained_model, small_sh
     with pytest.raises(MnistRayError, match="no tflite-int8 variant"):
         run(InferConfig(model=str(broken), input=small_shards, output=str(tmp_path / "p"), runtime="tflite-int8"))
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.e2e
+def test_a_killed_actor_still_gives_complete_output_without_duplicates(trained_model, small_shards, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    model_dir, _ = trained_model
+    out = str(tmp_path / "preds")
+    result: dict = {}
+    errors: list = []
+
+    def target():
+        try:
+            result.update(run(InferConfig(model=model_dir, input=small_shards, output=out, batch_size=16)))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        actors = [p for p in psutil.process_iter(["cmdline"])
+                  if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::MapWorker")]
+        if actors and list(tmp_path.glob("preds/part-*")) == [] and _scored_some(actors[0]):
+            killed = actors[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed, "the predictor actor was never seen running"
+    assert not errors, errors
+    table = _predictions(out)
+    assert result["rows"] == table.num_rows == shards.read_table(small_shards).num_rows
+    assert len(set(table["id"].to_pylist())) == table.num_rows
+
+
+def _scored_some(process) -> bool:
+    """The actor has been busy for a moment (its model is loaded and batches are flowing)."""
+    try:
+        return process.cpu_times().user > 3.0
+    except Exception:  # noqa: BLE001 - it may be gone already
+        return False
