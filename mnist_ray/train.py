@@ -205,7 +205,7 @@ def augment_batch(images, seed, max_rotation_deg=12.0, max_scale=0.12, max_shear
 
 
 def build_optimizer(config: dict):
-    """AdamW with a linear warmup then cosine decay to 0, and an optional weight EMA."""
+    """AdamW: an optional linear warmup, then cosine decay to 0 (the weight EMA is WeightEMA)."""
     k = models.keras()
     steps = config["steps_per_epoch"]
     warmup = config["warmup_epochs"] * steps
