@@ -207,3 +207,37 @@ def _scored_some(process) -> bool:
         return process.cpu_times().user > 3.0
     except Exception:  # noqa: BLE001 - it may be gone already
         return False
+
+
+GPU_SCRIPT = """
+import json, sys
+import ray
+from mnist_ray import cluster
+from mnist_ray.infer import InferConfig, run
+
+# A CPU-only machine that declares one GPU: the scheduling side of the GPU path, for real.
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+         _node_ip_address="127.0.0.1", runtime_env=cluster.runtime_env())
+summary = run(InferConfig(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3],
+                          actors="2", gpus_per_actor=0.5, require_gpu=True, batch_size=256))
+print("SUMMARY " + json.dumps(summary))
+"""
+
+
+@pytest.mark.e2e
+def test_gpu_actors_are_placed_on_a_declared_gpu(trained_model, small_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model_dir, _ = trained_model
+    out = tmp_path / "preds"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT, model_dir, small_shards, str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
+    # Two actors at 0.5 GPU each share the one GPU; on CPU-only hardware they run the model on CPU.
+    assert summary["gpus_per_actor"] == 0.5 and summary["actors"] == "2..2"
+    assert summary["rows"] == shards.read_table(small_shards).num_rows and summary["errors"] == 0
+    assert (out / "_SUCCESS").exists()
