@@ -174,14 +174,9 @@ def _open_input(uri: str):
     paths = [folder.root.join(rel) for rel, _ in folder.files]
     listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in folder.files).encode())
 
-    def to_rows(batch: pa.Table) -> pa.Table:
-        rel = [p[len(folder.root.path):].lstrip("/") for p in batch["path"].to_pylist()]
-        return pa.table({"id": pa.array(rel, pa.string()), "image": batch["bytes"],
-                         "label": pa.array([datasets.label_from_path(r) for r in rel], pa.int8()),
-                         "path": pa.array([folder.root.uri.rstrip("/") + "/" + r for r in rel], pa.string())})
-
     ds = ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True).map_batches(
-        to_rows, batch_format="pyarrow", batch_size=256)
+        datasets.folder_rows, batch_format="pyarrow", batch_size=256,
+        fn_kwargs={"root": folder.root.path, "root_uri": folder.root.uri})
     ids = pa.array([rel for rel, _ in folder.files], pa.string())
     return ds, ids, {"kind": "images", "uri": uri, "files": len(paths),
                      "fingerprint": "sha256:" + listing.hexdigest()}

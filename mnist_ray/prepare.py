@@ -82,21 +82,11 @@ def encode_array_batch(batch: pa.Table, height: int, width: int, render: str = "
 
 def check_file_batch(batch: pa.Table, root: str, root_uri: str) -> pa.Table:
     """Rows of raw file bytes -> shard rows, or rows with an ``error`` for files that do not decode."""
-    ids, images, labels, splits, paths, errors = [], [], [], [], [], []
-    for data, path in zip(batch["bytes"].to_pylist(), batch["path"].to_pylist()):
-        rel = path[len(root):].lstrip("/")
-        image, error = preprocess.normalize_stored_image(data)
-        ids.append(rel)
-        images.append(image if image is not None else b"")
-        labels.append(datasets.label_from_path(rel))
-        splits.append(datasets.split_from_path(rel))
-        paths.append(root_uri.rstrip("/") + "/" + rel)
-        errors.append(error)
-    return pa.table({
-        "id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
-        "label": pa.array(labels, pa.int8()), "split": pa.array(splits, pa.string()),
-        "path": pa.array(paths, pa.string()), "error": pa.array(errors, pa.string()),
-    })
+    rows = datasets.folder_rows(batch, root, root_uri)
+    checked = [preprocess.normalize_stored_image(data) for data in rows["image"].to_pylist()]
+    return rows.set_column(rows.schema.get_field_index("image"), "image",
+                           pa.array([image or b"" for image, _ in checked], pa.binary())) \
+        .append_column("error", pa.array([error for _, error in checked], pa.string()))
 
 
 # --- driver ---------------------------------------------------------------------------------
