@@ -16,12 +16,11 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-# The main job end to end on data that needs no network (5,000 real MNIST digits):
-# shards -> a quick 2-worker training run (smoke preset) -> batch inference with an actor pool.
+# The main job end to end on data that needs no network (5,000 real MNIST digits): shards ->
+# a quick 2-worker training run (smoke preset) -> batch inference -> report. Run it again and
+# every stage is skipped; delete a stage's output and that stage and the ones after it rerun.
 quickstart: install
-	$(BIN)/mnist-ray prepare --source mnist-sample --output $(OUT)/quickstart/shards --overwrite
-	$(BIN)/mnist-ray train --preset smoke --data $(OUT)/quickstart/shards --output $(OUT)/quickstart/model --overwrite
-	$(BIN)/mnist-ray infer --model $(OUT)/quickstart/model --input $(OUT)/quickstart/shards --output $(OUT)/quickstart/predictions --overwrite
+	$(BIN)/mnist-ray pipeline --preset smoke --output $(OUT)/quickstart
 
 # The whole test suite on a real local Ray and a real S3 server on 127.0.0.1.
 test: install

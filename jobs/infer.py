@@ -1,11 +1,15 @@
-"""Ray job entrypoint for `mnist-ray infer`: the same flags, e.g.
+"""Ray job entrypoint for `mnist-ray infer`: the same flags. From the repo root:
 
-    ray job submit --working-dir . -- python jobs/infer.py --model s3://bucket/model --input s3://bucket/shards --output s3://bucket/predictions
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/infer.py --model s3://bucket/mnist/model --input s3://bucket/mnist/shards --output s3://bucket/mnist/predictions
 """
 
 import sys
+from pathlib import Path
 
-from mnist_ray.cli import main
+# The code shipped with the job (runtime_env working_dir) wins over any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnist_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["infer", *sys.argv[1:]]))

@@ -1,11 +1,15 @@
-"""Ray job entrypoint for `mnist-ray train`: the same flags, e.g.
+"""Ray job entrypoint for `mnist-ray train`: the same flags. From the repo root:
 
-    ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/shards --output s3://bucket/model
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --data s3://bucket/mnist/shards --output s3://bucket/mnist/model
 """
 
 import sys
+from pathlib import Path
 
-from mnist_ray.cli import main
+# The code shipped with the job (runtime_env working_dir) wins over any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnist_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -24,6 +24,10 @@ COMMANDS = {
               "train a model with Ray Train (data parallel) and export a versioned model dir"),
     "infer": ("mnist_ray.infer", "InferConfig",
               "score shards or image files with a pool of Ray actors; predictions to Parquet"),
+    "evaluate": ("mnist_ray.evaluate", "EvaluateConfig",
+                 "metrics, confusion matrix and a sample grid of a predictions dataset"),
+    "pipeline": ("mnist_ray.pipeline", "PipelineConfig",
+                 "prepare -> train -> infer -> evaluate, skipping every stage whose output is current"),
     "predict": ("mnist_ray.predict", "PredictConfig",
                 "classify a few image files here and now: class and the ten percentages"),
 }

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from mnist_ray.errors import MnistRayError
+
 log = logging.getLogger(__name__)
 
 # Variables forwarded from the driver to every worker, when set.
@@ -37,21 +39,74 @@ def runtime_env() -> dict:
     return {"env_vars": configure_process_env()}
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None) -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """Host and port of a Ray address (``host:port``, ``ray://host:port``, ``http://host:port``)."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the address, when nothing listens there (Ray itself retries for
+    a minute or more before it gives up)."""
+    import socket
+
+    target = _host_port(address)
+    if target is None:
+        if address != "auto":
+            raise MnistRayError(f"--address {address!r}: give HOST:PORT (e.g. 10.0.0.5:6379), "
+                                "ray://HOST:10001, 'auto' or 'local'")
+        return
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except OSError as e:
+        raise MnistRayError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): check the "
+                            "address and that the head is running (`ray status`), or drop --address "
+                            "to run on a local single-node Ray") from None
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, paths: tuple[str, ...] = ()) -> None:
     """Attach to the Ray at ``address`` (or ``RAY_ADDRESS``), else start a local one.
 
     Reuses an already initialized Ray (tests share one per session). A local Ray binds to
-    127.0.0.1: single-node mode needs no open ports.
+    127.0.0.1: single-node mode needs no open ports. ``paths`` are the job's inputs and
+    outputs: on a cluster of several machines, local ones only exist on this one.
     """
     import ray
 
-    if ray.is_initialized():
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        kwargs = {"runtime_env": runtime_env(), "log_to_driver": True, "configure_logging": False}
+        if address and address != "local":
+            check_reachable(address)
+            log.info("connecting to the Ray cluster at %s", address)
+            # Inside `ray job submit` the job's runtime env (jobs/runtime_env.yaml) sets some of
+            # the same variables: combine the two instead of refusing to start.
+            os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", **kwargs)
+    _warn_local_paths(address, paths)
+
+
+def _warn_local_paths(address: str | None, paths: tuple[str, ...]) -> None:
+    import ray
+
+    target = _host_port(address) if address and address != "local" else None
+    # A head on another machine (a ray:// client), or a cluster of several machines.
+    remote = target is not None and target[0] not in (*LOOPBACK, ray.util.get_node_ip_address())
+    several = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+    if not (remote or several):
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"runtime_env": runtime_env(), "log_to_driver": True, "configure_logging": False}
-    if address and address != "local":
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", **kwargs)
+    local = [p for p in paths if p and "://" not in p]
+    if local:
+        log.warning("%s: local paths on a Ray cluster of several machines; the workers on other "
+                    "nodes cannot see them: use shared storage such as s3://bucket/prefix",
+                    ", ".join(local))

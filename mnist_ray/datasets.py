@@ -281,19 +281,22 @@ def image_folder(uri: str) -> ImageFolder:
     return ImageFolder(loc, files)
 
 
-def folder_rows(batch: pa.Table, root: str, root_uri: str) -> pa.Table:
+def folder_rows(batch: pa.Table, root: str, scheme: str) -> pa.Table:
     """Rows of ``read_binary_files`` (bytes, path) -> (id, image, label, split, path) rows.
 
     The id is the path relative to the folder (stable across runs), the label the class folder,
-    ``path`` the file's full URI. Shared by prepare and infer; takes strings, not the listing,
-    so a Ray task receives a few bytes of arguments whatever the folder's size.
+    ``path`` the file's URI: ``scheme`` + the reader's path (an absolute local path, or
+    ``s3://bucket/key``), which is also the key infer's resume filter matches files by.
+    Shared by prepare and infer; takes strings, not the listing, so a Ray task receives a few
+    bytes of arguments whatever the folder's size.
     """
-    rel = [p[len(root):].lstrip("/") for p in batch["path"].to_pylist()]
+    raw = batch["path"].to_pylist()
+    rel = [p[len(root):].lstrip("/") for p in raw]
     return pa.table({
         "id": pa.array(rel, pa.string()), "image": batch["bytes"].cast(pa.binary()),
         "label": pa.array([label_from_path(r) for r in rel], pa.int8()),
         "split": pa.array([split_from_path(r) for r in rel], pa.string()),
-        "path": pa.array([root_uri.rstrip("/") + "/" + r for r in rel], pa.string()),
+        "path": pa.array([scheme + p for p in raw], pa.string()),
     })
 
 

@@ -2,7 +2,13 @@
 
     input --read (Parquet shards | binary files)--> map_batches(prepare: decode, MNIST-style
           crop/centre, normalize; tasks) --> map_batches(PredictorActor, ActorPoolStrategy)
-          --> ParquetPartSink --> reconcile ids --> _manifest.json --> _SUCCESS
+          --> write_parquet(OUTPUT/run-KEY/data) --> reconcile ids --> _manifest.json --> _SUCCESS
+
+Resume is Ray Data's own checkpointing (``ray.data.checkpoint``): each write task records the
+ids it wrote in OUTPUT/run-KEY/checkpoint (two-phase, so a killed task's file is deleted on
+the next start), and a rerun filters those rows out right after the read. KEY hashes the input
+fingerprint, the model version and the runtime (and the run being replaced, with --overwrite),
+so another model or input never reuses partial work. Readers only see the manifest's files.
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import logging
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -136,7 +145,9 @@ class Predictor:
 class PredictorActor(Predictor):
     """The Ray actor: opens the model dir (downloading it when remote) and loads it once."""
 
-    def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool):
+    def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None):
+        started = time.perf_counter()
+        self.progress = progress
         if use_gpu:
             import tensorflow as tf
 
@@ -149,9 +160,61 @@ class PredictorActor(Predictor):
             return runtimes.load(local, runtime)
 
         super().__init__(load, model_version)
+        if progress is not None:
+            progress.actor_ready.remote(time.time(), time.perf_counter() - started)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = super().__call__(batch)
+        if self.progress is not None:
+            self.progress.scored.remote(out.num_rows, time.time())  # fire and forget
+        return out
+
+
+class Progress:
+    """A zero-CPU actor the predictors report to: when each became ready, rows scored so far.
+
+    The driver turns it into periodic progress lines and the start-up figures of the summary.
+    """
+
+    def __init__(self):
+        self.rows, self.ready, self.load_seconds, self.first_at = 0, [], [], None
+
+    def actor_ready(self, at: float, load_seconds: float) -> None:
+        self.ready.append(at)
+        self.load_seconds.append(load_seconds)
+
+    def scored(self, rows: int, at: float) -> None:
+        self.rows += rows
+        self.first_at = self.first_at or at
+
+    def state(self) -> dict:
+        return {"rows": self.rows, "ready": self.ready, "load_seconds": self.load_seconds,
+                "first_at": self.first_at}
+
+
+def _checkpoint_filter_cls():
+    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+
+    class UriCheckpointFilter(NumpyArrayBasedCheckpointFilter):
+        """Files are checkpointed by URI (``s3://b/k``, the ``path`` column written); the
+        reader's rows hold the filesystem path (``b/k``): compare them with the scheme added."""
+
+        def filter_rows_for_block(self, block):
+            scheme = self.ckpt_config.path_scheme
+            if not scheme or len(self.checkpointed_ids) == 0 or block.num_rows == 0:
+                return super().filter_rows_for_block(block)
+            if not hasattr(self, "done"):
+                self.done = pa.array(self.checkpointed_ids, pa.string())
+            uris = pc.binary_join_element_wise(scheme, block["path"], "")
+            return block.filter(pc.invert(pc.is_in(uris, value_set=self.done)))
+
+    return UriCheckpointFilter
 
 
 # --- driver ---------------------------------------------------------------------------------
+
+PROGRESS_EVERY_S = 10.0
+
 
 def _is_shards(uri: str) -> bool:
     loc = storage.resolve(uri)
@@ -162,24 +225,40 @@ def _is_shards(uri: str) -> bool:
 
 
 def _open_input(uri: str):
-    """A Ray Dataset of (id, image, label, path) rows, the expected ids, and a description."""
+    """A Ray Dataset of (id, image, label, path) rows, the expected ids, and a description.
+
+    The description's ``resume_key`` names the column Ray Data's checkpoint filter sees right
+    after the read: ``id`` in shards, ``path`` for raw files (the read has no id yet).
+    """
     import ray
 
     if _is_shards(uri):
         loc, manifest = shards.open_shards(uri)
-        ds = shards.read_dataset(uri, columns=["id", "image", "label", "path"])
+        # The V1 Parquet read: V2 adds a ListFiles task that reserves a whole CPU with no way
+        # to ask for less, and beside the checkpoint filter and predictor actors of a resumed
+        # run on a 2-CPU node it never gets one (the job hangs).
+        context = ray.data.DataContext.get_current()
+        v2, context.use_datasource_v2 = context.use_datasource_v2, False
+        try:
+            ds = shards.read_dataset(uri, columns=["id", "image", "label", "path"],
+                                     ray_remote_args={"num_cpus": IO_CPUS})
+        finally:
+            context.use_datasource_v2 = v2
         ids = shards.read_table(uri, columns=["id"])["id"]
-        return ds, ids, {"kind": "shards", "uri": uri, "fingerprint": manifest["fingerprint"]}
+        return ds, ids, {"kind": "shards", "uri": uri, "fingerprint": manifest["fingerprint"],
+                         "resume_key": "id", "scheme": ""}
     folder = datasets.image_folder(uri)
     paths = [folder.root.join(rel) for rel, _ in folder.files]
     listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in folder.files).encode())
 
-    ds = ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True).map_batches(
+    ds = ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True,
+                                    ray_remote_args={"num_cpus": IO_CPUS}).map_batches(
         datasets.folder_rows, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"root": folder.root.path, "root_uri": folder.root.uri})
+        fn_kwargs={"root": folder.root.path, "scheme": folder.root.scheme})
     ids = pa.array([rel for rel, _ in folder.files], pa.string())
     return ds, ids, {"kind": "images", "uri": uri, "files": len(paths),
-                     "fingerprint": "sha256:" + listing.hexdigest()}
+                     "fingerprint": "sha256:" + listing.hexdigest(),
+                     "resume_key": "path", "scheme": folder.root.scheme}
 
 
 def open_predictions(uri: str) -> tuple[storage.Location, dict]:
@@ -190,38 +269,118 @@ def open_predictions(uri: str) -> tuple[storage.Location, dict]:
     return loc, manifest
 
 
-def _pool_resources(cfg: InferConfig) -> tuple[int, int, float]:
-    """Actor pool size and GPUs per actor; refuses a pool that would starve the read tasks."""
+def read_predictions(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A complete predictions dataset as one Arrow table (reports, tests: small data)."""
+    import pyarrow.parquet as pq
+
+    loc, manifest = open_predictions(uri)
+    tables = [pq.read_table(loc.join(f["path"]), columns=columns, filesystem=loc.fs) for f in manifest["files"]]
+    return pa.concat_tables(tables).cast(SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])) \
+        if tables else SCHEMA.empty_table().select(columns or SCHEMA.names)
+
+
+# Read and write tasks mostly wait on storage: they reserve half a CPU, so they still fit
+# beside actors that reserve whole ones (ray-project/ray#44687: starved reads hang the job).
+IO_CPUS = 0.5
+# Ray Data's checkpoint filter (ray.data.checkpoint, on a resumed run) is an actor that
+# reserves one CPU, and Ray offers no setting for it.
+CHECKPOINT_FILTER_CPUS = 1.0
+
+
+def _pool_resources(cfg: InferConfig, resuming: bool = False) -> tuple[int, int, float, float]:
+    """Actor pool size, GPUs and CPUs per actor; refuses a pool that would starve the reads."""
     import ray
 
     lo, hi = cfg.pool()
     resources = ray.cluster_resources()
     gpus = cfg.gpus_per_actor
+    cpus = resources.get("CPU", 0)
+    if cpus == 0:
+        # An autoscaling cluster scaled to zero (cluster.yaml's head has CPU 0): nothing to
+        # measure yet, so trust the flags and let the autoscaler bring the nodes they ask for.
+        log.info("the cluster has no worker nodes yet: the actor pool will wait for the autoscaler")
+        return lo, hi, gpus, cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, 0.5)
     if gpus > 0 and resources.get("GPU", 0) == 0:
         if cfg.require_gpu:
             raise MnistRayError("--require-gpu: the cluster has no GPU")
         log.warning("the cluster has no GPU: running the predictor actors on CPU")
         gpus = 0.0
-    cpus = resources.get("CPU", 0)
-    if gpus == 0 and hi * cfg.cpus_per_actor >= cpus:
-        # ray-project/ray#44687: with every CPU held by actors, the read tasks never run.
+    # A GPU actor still feeds its GPU from the CPU, but half a core does that.
+    cpus_per_actor = cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, 0.5)
+    others = CHECKPOINT_FILTER_CPUS if resuming else 0.0
+    if hi * cpus_per_actor + others + IO_CPUS > cpus and resuming:
+        # Small nodes only: make room for the filter actor rather than hang.
+        fitted = (cpus - others - IO_CPUS) / hi
+        if fitted >= 0.25:
+            log.info("resuming: Ray's checkpoint filter actor takes %g CPU, so each predictor actor "
+                     "reserves %.2g CPU instead of %g", others, fitted, cpus_per_actor)
+            cpus_per_actor = fitted
+    if hi * cpus_per_actor + others + IO_CPUS > cpus:
         raise MnistRayError(
-            f"{hi} actors x {cfg.cpus_per_actor:g} CPU would take all {cpus:g} CPUs and starve the read "
-            "and decode tasks: lower --actors or --cpus-per-actor")
-    return lo, hi, gpus
+            f"{hi} actors x {cpus_per_actor:g} CPU would take {hi * cpus_per_actor + others:g} of {cpus:g} CPUs "
+            "and starve the read and write tasks: lower --actors or --cpus-per-actor")
+    return lo, hi, gpus, cpus_per_actor
 
 
-def reconcile(expected_ids: pa.Array, files: list[dict], loc: storage.Location) -> None:
-    """Every input id exactly once in the output, or nothing is published."""
+def work_dir(loc: storage.Location, source: dict, model_version: str, runtime: str) -> str:
+    """``run-KEY``: where this job's data files and checkpoint live until published.
+
+    Only a rerun of the same job (same input, model and runtime) lands in the same directory;
+    with --overwrite the published run is part of the key, so the data being replaced is
+    never mistaken for finished work.
+    """
+    replacing = storage.read_json(loc, storage.MANIFEST).get("run_id") if storage.is_complete(loc) else None
+    key = json.dumps([source["fingerprint"], model_version, runtime, replacing])
+    return "run-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _checkpoint_config(loc: storage.Location, work: str, source: dict):
+    from ray.data.checkpoint import CheckpointConfig
+
+    config = CheckpointConfig(
+        id_column=source["resume_key"], checkpoint_path=loc.join(work, "checkpoint"),
+        override_filesystem=loc.fs, checkpoint_filter_cls=_checkpoint_filter_cls(),
+        # Kept until the predictions are published: a driver that dies after the last write
+        # but before publishing must not rescore everything on the rerun.
+        delete_checkpoint_on_success=False)
+    config.path_scheme = source["scheme"]
+    # Ray's default of up to 10 filter actors x 1 GiB reserved is sized for big clusters.
+    config.checkpoint_actor_pool_max_size = 2
+    return config
+
+
+def _checkpointed_rows(loc: storage.Location, work: str) -> int:
+    """Rows an earlier attempt of this job committed (Ray's committed checkpoint files)."""
     import pyarrow.parquet as pq
 
-    written = pa.concat_arrays([pq.read_table(loc.join(f["path"]), columns=["id"], filesystem=loc.fs)["id"]
-                                .combine_chunks() for f in files]) if files else pa.array([], pa.string())
+    selector = pafs.FileSelector(loc.join(work, "checkpoint"), allow_not_found=True)
+    return sum(pq.ParquetFile(loc.fs.open_input_file(info.path)).metadata.num_rows
+               for info in loc.fs.get_file_info(selector)
+               if info.path.endswith(".parquet") and not info.path.endswith(".pending.parquet"))
+
+
+def _written_files(loc: storage.Location, work: str) -> tuple[list[dict], pa.Array]:
+    """The data files of ``work`` (manifest entries) and every id in them."""
+    import pyarrow.parquet as pq
+
+    selector = pafs.FileSelector(loc.join(work, "data"), allow_not_found=True)
+    files, ids = [], []
+    for info in sorted(loc.fs.get_file_info(selector), key=lambda i: i.path):
+        if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+            continue
+        column = pq.read_table(info.path, columns=["id"], filesystem=loc.fs)["id"].combine_chunks()
+        files.append({"path": f"{work}/data/{info.base_name}", "rows": len(column), "bytes": info.size})
+        ids.append(column)
+    return files, pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+
+
+def reconcile(expected_ids: pa.Array, written: pa.Array) -> None:
+    """Every input id exactly once in the output, or nothing is published."""
     expected = expected_ids.combine_chunks() if isinstance(expected_ids, pa.ChunkedArray) else expected_ids
-    if len(written) != len(expected) or not pc.all(pc.is_in(expected, written)).as_py() \
-            or len(pc.unique(written)) != len(written):
+    distinct = len(pc.unique(written))
+    if len(written) != len(expected) or distinct != len(written) or not pc.all(pc.is_in(expected, written)).as_py():
         raise MnistRayError(f"reconciliation failed: {len(expected)} input rows, {len(written)} output rows "
-                            f"({len(pc.unique(written))} distinct ids); nothing was published")
+                            f"({distinct} distinct ids); nothing was published")
 
 
 def _smoke_test(model_local: str, cfg: InferConfig, ds) -> None:
@@ -238,6 +397,29 @@ def _smoke_test(model_local: str, cfg: InferConfig, ds) -> None:
         raise MnistRayError(f"the model in {cfg.model} returns {probs.shape}, not class probabilities")
 
 
+class _ProgressLines(threading.Thread):
+    """Plain ``rows done, rate, ETA`` lines for logs (``ray job submit``, CI); a terminal gets
+    Ray's own progress bars instead."""
+
+    def __init__(self, progress, todo: int):
+        super().__init__(daemon=True, name="infer-progress")
+        self.progress, self.todo, self.stopped = progress, todo, threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        started = time.time()
+        while not self.stopped.wait(PROGRESS_EVERY_S):
+            try:
+                done = ray.get(self.progress.state.remote(), timeout=5)["rows"]
+            except Exception:  # noqa: BLE001 - progress must never break the job
+                continue
+            rate = done / (time.time() - started)
+            eta = f"{(self.todo - done) / rate:.0f} s" if rate > 0 else "?"
+            log.info("infer: %s of %s rows (%.0f%%), %.0f images/s, ETA %s",
+                     f"{done:,}", f"{self.todo:,}", 100 * done / max(self.todo, 1), rate, eta)
+
+
 def run(cfg: InferConfig) -> dict:
     """Score ``cfg.input`` with the model dir ``cfg.model``; publish predictions at ``cfg.output``."""
     cluster.configure_process_env()
@@ -245,33 +427,50 @@ def run(cfg: InferConfig) -> dict:
     started = time.perf_counter()
     model_local, metadata = export.open_model_dir(cfg.model)
     runtimes.check(model_local, cfg.runtime)
-    run_id = uuid.uuid4().hex[:12]
-    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
-    cluster.connect(cfg.address)
-    lo, hi, gpus = _pool_resources(cfg)
+    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
+    cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
+    _pool_resources(cfg)  # fail fast, before reading anything
     import ray
-
-    from mnist_ray.sink import ParquetPartSink
 
     ds, expected_ids, source = _open_input(cfg.input)
     _smoke_test(model_local, cfg, ds)
+    work = work_dir(loc, source, metadata["version"], cfg.runtime)
+    resumed = _checkpointed_rows(loc, work)
+    lo, hi, gpus, actor_cpus = _pool_resources(cfg, resuming=resumed > 0)
+    if resumed:
+        log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
+                 f"{resumed:,}", f"{len(expected_ids):,}", loc.uri_of(work))
     startup = time.perf_counter() - started
-    predictions = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=cfg.batch_size).map_batches(
+
+    progress = ray.remote(num_cpus=0)(Progress).remote()
+    # prepare_rows asks for what the actor asks for, so Ray fuses it into the actor (no copy of
+    # the decoded pixels between processes); a GPU actor's decoding stays in CPU tasks instead.
+    predictions = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=cfg.batch_size,
+                                 num_cpus=actor_cpus if gpus == 0 else IO_CPUS).map_batches(
         PredictorActor, batch_size=cfg.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=cfg.cpus_per_actor if gpus == 0 else 0.5, num_gpus=gpus,
-        fn_constructor_kwargs={"model_uri": cfg.model, "runtime": cfg.runtime,
+        num_cpus=actor_cpus, num_gpus=gpus,
+        fn_constructor_kwargs={"model_uri": cfg.model, "runtime": cfg.runtime, "progress": progress,
                                "model_version": metadata["version"], "use_gpu": gpus > 0})
-    sink = ParquetPartSink(loc, run_id, SCHEMA, cfg.rows_per_file)
+    predictions.context.checkpoint_config = _checkpoint_config(loc, work, source)
 
-    scoring_started = time.perf_counter()
+    lines = _ProgressLines(progress, len(expected_ids) - resumed)
+    if not sys.stderr.isatty():
+        lines.start()
+    scoring_started, scoring_wall = time.perf_counter(), time.time()
     try:
-        predictions.write_datasink(sink)
+        predictions.write_parquet(loc.join(work, "data"), filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
+                                  ray_remote_args={"num_cpus": IO_CPUS})
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+    finally:
+        lines.stopped.set()
     seconds = time.perf_counter() - scoring_started
-    files = sink.files()
-    reconcile(expected_ids, files, loc)
+    timing = ray.get(progress.state.remote())
+    ray.kill(progress)
+
+    files, written = _written_files(loc, work)
+    reconcile(expected_ids, written)
     import pyarrow.parquet as pq
 
     # Only the failed rows come back to the driver (a pushed-down filter), however many rows.
@@ -283,22 +482,35 @@ def run(cfg: InferConfig) -> dict:
     if rows and error_rows / rows > cfg.max_error_rate:
         examples = "; ".join(f"{i}: {e}" for i, e in zip(bad["id"].to_pylist()[:3], bad["error"].to_pylist()[:3]))
         raise MnistRayError(f"{error_rows} of {rows} rows could not be scored (> --max-error-rate "
-                            f"{cfg.max_error_rate:g}), nothing was published; e.g. {examples}")
+                            f"{cfg.max_error_rate:g}), nothing was published (rerun with a higher limit to "
+                            f"publish without scoring again); e.g. {examples}")
+    scored = rows - resumed
+    figures = {
+        "rows": rows, "errors": error_rows, "resumed_rows": resumed, "scored_rows": scored,
+        "scoring_seconds": round(seconds, 2), "images_per_s": round(scored / seconds, 1),
+        "startup_seconds": round(startup, 2),
+        "actor_startup_seconds": round(max(timing["ready"]) - scoring_wall, 2) if timing["ready"] else None,
+        "model_load_seconds": round(max(timing["load_seconds"]), 2) if timing["load_seconds"] else None,
+        "first_prediction_seconds": round(timing["first_at"] - scoring_wall, 2) if timing["first_at"] else None,
+    }
     manifest = {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": run_id,
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": work.removeprefix("run-"),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "input": source, "model": {"uri": cfg.model, "version": metadata["version"], "runtime": cfg.runtime},
+        "input": {k: v for k, v in source.items() if k not in ("resume_key", "scheme")},
+        "model": {"uri": cfg.model, "version": metadata["version"], "runtime": cfg.runtime},
         "config": dataclasses.asdict(cfg), "mnist_ray_version": __version__,
-        "rows": rows, "error_rows": error_rows,
+        "rows": rows, "error_rows": error_rows, "figures": figures,
         "quarantine": [{"id": i, "path": p, "error": e} for i, p, e in
                        zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
         if bad is not None else [],
-        "files": files, "seconds": round(seconds, 2), "images_per_s": round(rows / seconds, 1),
+        "files": files, "seconds": round(seconds, 2), "images_per_s": figures["images_per_s"],
         "fingerprint": f"{source['fingerprint']}/{metadata['version']}/{cfg.runtime}",
     }
-    storage.publish(loc, manifest, run_id=run_id)
-    return {"output": cfg.output, "rows": rows, "errors": error_rows, "model_version": metadata["version"],
-            "runtime": cfg.runtime, "actors": f"{lo}..{hi}", "gpus_per_actor": gpus,
-            "startup_seconds": round(startup, 2), "scoring_seconds": round(seconds, 2),
-            "images_per_s": round(rows / seconds, 1),
+    try:
+        storage.publish(loc, manifest, run_id=manifest["run_id"])
+        loc.fs.delete_dir(loc.join(work, "checkpoint"))
+    except OSError as e:
+        raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+    return {"output": cfg.output, **figures, "model_version": metadata["version"], "runtime": cfg.runtime,
+            "actors": f"{lo}..{hi}", "gpus_per_actor": gpus, "cpus_per_actor": actor_cpus,
             "wall_seconds": round(time.perf_counter() - started, 2)}

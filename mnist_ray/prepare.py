@@ -80,9 +80,9 @@ def encode_array_batch(batch: pa.Table, height: int, width: int, render: str = "
     })
 
 
-def check_file_batch(batch: pa.Table, root: str, root_uri: str) -> pa.Table:
+def check_file_batch(batch: pa.Table, root: str, scheme: str) -> pa.Table:
     """Rows of raw file bytes -> shard rows, or rows with an ``error`` for files that do not decode."""
-    rows = datasets.folder_rows(batch, root, root_uri)
+    rows = datasets.folder_rows(batch, root, scheme)
     checked = [preprocess.normalize_stored_image(data) for data in rows["image"].to_pylist()]
     return rows.set_column(rows.schema.get_field_index("image"), "image",
                            pa.array([image or b"" for image, _ in checked], pa.binary())) \
@@ -127,8 +127,16 @@ def _build_dataset(data, cfg: PrepareConfig):
     paths = [data.root.join(rel) for rel, _ in files]
     ds = ray.data.read_binary_files(paths, filesystem=data.root.fs, include_paths=True).map_batches(
         check_file_batch, batch_format="pyarrow", batch_size=64,
-        fn_kwargs={"root": data.root.path, "root_uri": data.root.uri})
+        fn_kwargs={"root": data.root.path, "scheme": data.root.scheme})
     return ds, len(paths)
+
+
+def _source_path(source: str) -> str:
+    """The path inside ``idx:PATH``, ``images:PATH``, ``photos:idx:PATH``; "" for named sources."""
+    kind, _, rest = source.partition(":")
+    if kind == "photos":
+        return _source_path(rest)
+    return rest if kind in ("idx", "images") else ""
 
 
 def run(cfg: PrepareConfig) -> dict:
@@ -138,7 +146,7 @@ def run(cfg: PrepareConfig) -> dict:
     data = datasets.load(cfg.source, val_fraction=cfg.val_fraction, seed=cfg.seed)
     run_id = uuid.uuid4().hex[:12]
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
-    cluster.connect(cfg.address)
+    cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output))
 
     ds, expected = _build_dataset(data, cfg)
     sink = shards.ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20)

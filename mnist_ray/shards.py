@@ -127,9 +127,10 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(pq.read_table(p, filesystem=loc.fs, columns=columns) for p in paths)
 
 
-def read_dataset(uri: str, columns: list[str] | None = None):
+def read_dataset(uri: str, columns: list[str] | None = None, ray_remote_args: dict | None = None):
     """The dataset as a streaming Ray Dataset over exactly the files the manifest lists."""
     import ray
 
     loc, manifest = open_shards(uri)
-    return ray.data.read_parquet(shard_paths(loc, manifest), filesystem=loc.fs, columns=columns)
+    return ray.data.read_parquet(shard_paths(loc, manifest), filesystem=loc.fs, columns=columns,
+                                 ray_remote_args=ray_remote_args)

@@ -24,8 +24,10 @@ from mnist_ray.errors import MnistRayError
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
-# Data files a writer owns inside its output directory: only these are ever deleted.
-OWNED_FILE = re.compile(r"^(part-[0-9a-f]+-.*\.parquet|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_probe-[0-9a-f]+)$")
+# Entries a writer owns inside its output directory: only these are ever deleted. ``run-KEY``
+# directories hold a resumable job's data files and its Ray Data checkpoint (see infer).
+OWNED_FILE = re.compile(
+    r"^(part-[0-9a-f]+-.*\.parquet|run-[0-9a-f]+|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_probe-[0-9a-f]+)$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,11 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def scheme(self) -> str:
+        """What turns a path on ``fs`` back into a URI: ``s3://`` for S3, nothing for local paths."""
+        return "" if self.is_local else self.uri.split("://", 1)[0] + "://"
 
     def join(self, *names: str) -> str:
         return posixpath.join(self.path, *names)
@@ -180,16 +187,21 @@ def prepare_output(uri: str, *, overwrite: bool, run_id: str) -> Location:
 
 def publish(loc: Location, manifest: dict, *, run_id: str) -> None:
     """Commit a dataset: manifest, then ``_SUCCESS``, then delete files no manifest lists."""
-    keep = {posixpath.basename(f["path"]) for f in manifest["files"]}
+    keep = {f["path"] for f in manifest["files"]}
     missing = [name for name in keep if loc.fs.get_file_info(loc.join(name)).type != pafs.FileType.File]
     if missing:
-        raise MnistRayError(f"refusing to publish {loc.uri}: files {missing[:3]} are missing")
+        raise MnistRayError(f"refusing to publish {loc.uri}: files {sorted(missing)[:3]} are missing")
     _write_json_atomically(loc, MANIFEST, manifest, run_id)
     write_bytes(loc, SUCCESS, json.dumps({"run_id": run_id, "fingerprint": manifest["fingerprint"]}).encode())
+    kept_dirs = {path.split("/", 1)[0] for path in keep if "/" in path}
     for info in loc.fs.get_file_info(pafs.FileSelector(loc.path)):
         name = info.base_name
-        if name.startswith("part-") and OWNED_FILE.match(name) and name not in keep:
+        if not OWNED_FILE.match(name) or name in keep or name in kept_dirs:
+            continue
+        if name.startswith("part-"):
             loc.fs.delete_file(info.path)
+        elif name.startswith("run-") and info.type == pafs.FileType.Directory:
+            loc.fs.delete_dir(info.path)  # an older run's data, or another model's partial work
 
 
 def publish_directory(local_dir: str, loc: Location, *, run_id: str) -> None:

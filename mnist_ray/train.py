@@ -374,7 +374,7 @@ def run(cfg: TrainConfig) -> dict:
     export.check_output(cfg.output, overwrite=cfg.overwrite)
     name = cfg.run_name(manifest["fingerprint"])
     run_loc = _prepare_run_storage(cfg, name)
-    cluster.connect(cfg.address)
+    cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
     cpus = _cpus_per_worker(cfg)
 
     import ray.train

@@ -72,22 +72,26 @@ def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(monkeypatch):
     import ray
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert infer._pool_resources(InferConfig()) == (1, 1, 0.0)  # the default leaves a CPU to read
+    assert infer._pool_resources(InferConfig()) == (1, 1, 0.0, 1.0)  # the default leaves a CPU to read
+    # Resuming: Ray's checkpoint filter actor takes a CPU, so the predictor reserves less.
+    assert infer._pool_resources(InferConfig(), resuming=True) == (1, 1, 0.0, 0.5)
     with pytest.raises(MnistRayError, match="starve"):
         infer._pool_resources(InferConfig(actors="2"))
     assert infer._pool_resources(InferConfig(gpus_per_actor=0.5))[2] == 0.0  # no GPU: runs on CPU
     with pytest.raises(MnistRayError, match="no GPU"):
         infer._pool_resources(InferConfig(gpus_per_actor=1, require_gpu=True))
+    # A cluster scaled to zero (autoscaling from a CPU-0 head): the flags stand, GPUs may come.
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1e9})
+    assert infer._pool_resources(InferConfig(actors="1..8", gpus_per_actor=1)) == (1, 8, 1, 0.5)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    assert infer._pool_resources(InferConfig(actors="2", gpus_per_actor=0.5)) == (2, 2, 0.5)
+    assert infer._pool_resources(InferConfig(actors="2", gpus_per_actor=0.5)) == (2, 2, 0.5, 0.5)
 
 
 # --- the whole job ---------------------------------------------------------------------------
 
 
 def _predictions(uri: str) -> pa.Table:
-    loc, manifest = infer.open_predictions(uri)
-    return pa.concat_tables(pq.read_table(loc.join(f["path"]), filesystem=loc.fs) for f in manifest["files"])
+    return infer.read_predictions(uri)
 
 
 @pytest.mark.e2e
@@ -189,7 +193,7 @@ def test_a_killed_actor_still_gives_complete_output_without_duplicates(trained_m
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
         actors = [p for p in psutil.process_iter(["cmdline"])
                   if p.info["cmdline"] and p.info["cmdline"][0].startswith("ray::MapWorker")]
-        if actors and list(tmp_path.glob("preds/part-*")) == [] and _scored_some(actors[0]):
+        if actors and not list(tmp_path.glob("preds/run-*/data/*")) and _scored_some(actors[0]):
             killed = actors[0].pid
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.05)
@@ -199,6 +203,64 @@ def test_a_killed_actor_still_gives_complete_output_without_duplicates(trained_m
     table = _predictions(out)
     assert result["rows"] == table.num_rows == shards.read_table(small_shards).num_rows
     assert len(set(table["id"].to_pylist())) == table.num_rows
+
+
+@pytest.mark.e2e
+def test_an_interrupted_job_resumes_and_never_reuses_another_jobs_work(trained_model, small_shards, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model_dir, _ = trained_model
+    out = tmp_path / "preds"
+    args = ["--model", model_dir, "--input", small_shards, "--output", str(out),
+            "--batch-size", "50", "--rows-per-file", "100"]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_ray.cli", "infer", *args],
+                            env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not [p for p in out.glob("run-*/checkpoint/*.parquet") if ".pending." not in p.name]:
+            assert proc.poll() is None, "infer ended before it could be killed"
+            assert time.monotonic() < deadline, "infer never committed a checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-run
+        proc.wait()
+    assert not (out / "_SUCCESS").exists()
+    total = shards.read_table(small_shards).num_rows
+
+    # The same command again: only the remaining rows are scored, each input exactly once.
+    summary = run(InferConfig(model=model_dir, input=small_shards, output=str(out),
+                              batch_size=50, rows_per_file=100))
+    table = _predictions(str(out))
+    assert 0 < summary["resumed_rows"] < total and summary["scored_rows"] == total - summary["resumed_rows"]
+    assert table.num_rows == total == len(set(table["id"].to_pylist()))
+    assert sorted(table["id"].to_pylist()) == sorted(shards.read_table(small_shards)["id"].to_pylist())
+    assert len(list(out.glob("run-*"))) == 1 and not list(out.glob("run-*/checkpoint"))
+
+    # Another runtime (another model, another input) never picks up this job's work.
+    other = run(InferConfig(model=model_dir, input=small_shards, output=str(out), runtime="tflite-fp32",
+                            overwrite=True))
+    assert other["resumed_rows"] == 0 and other["scored_rows"] == total
+    assert _predictions(str(out)).num_rows == total and len(list(out.glob("run-*"))) == 1
+
+
+def test_work_dirs_differ_by_input_model_runtime_and_the_run_they_replace(tmp_path):
+    from mnist_ray import storage
+
+    loc = storage.resolve(str(tmp_path))
+    base = infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf")
+    assert base == infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf")  # a rerun resumes
+    assert base.startswith("run-") and len({
+        base, infer.work_dir(loc, {"fingerprint": "sha256:b"}, "m-1", "tf"),
+        infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-2", "tf"),
+        infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tflite-int8")}) == 4
+    storage.publish(loc, {"run_id": base[4:], "files": [], "fingerprint": "x"}, run_id=base[4:])
+    # --overwrite of a published run: the new work never lands in the published run's directory.
+    assert infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf") != base
 
 
 def _scored_some(process) -> bool:
