@@ -134,14 +134,14 @@ def run(cfg: PipelineConfig) -> dict:
                    else "replaced by hand" if recorded.get("key") == key else "inputs changed")
             log.info("pipeline: %-8s running (%s) -> %s", name, why, output)
             t0 = time.perf_counter()
-            job()
+            summary = job()
             doc = _read_json(output, doc_name)
             if doc is None:
                 raise MnistRayError(f"the {name} stage finished without a complete output at {output}")
             ledger.stages[name] = {"key": key, "build": _build_id(doc)}
             ledger.save()
             stages.append({"stage": name, "status": "ran", "reason": why, "output": output,
-                           "seconds": round(time.perf_counter() - t0, 1)})
+                           "seconds": round(time.perf_counter() - t0, 1), "summary": summary})
         upstream += "|" + _build_id(doc)
         return doc
 
