@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from mnist_ray.errors import MnistRayError
 
@@ -71,6 +72,14 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                             "to run on a local single-node Ray") from None
 
 
+# Single-node mode binds every Ray service to 127.0.0.1. `_node_ip_address="127.0.0.1"` alone
+# does not: Ray swaps a loopback node IP for the machine's reachable one, and its servers then
+# listen on every interface. Ray's switch for single-machine clusters (the macOS default) is
+# read when Ray is imported, so it is set before that: here (the package imports Ray only
+# after connecting) or by the caller (tests/conftest.py).
+SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, paths: tuple[str, ...] = ()) -> None:
     """Attach to the Ray at ``address`` (or ``RAY_ADDRESS``), else start a local one.
 
@@ -78,12 +87,15 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
     127.0.0.1: single-node mode needs no open ports. ``paths`` are the job's inputs and
     outputs: on a cluster of several machines, local ones only exist on this one.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local = not address or address == "local"
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(SINGLE_MACHINE, "0")
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs = {"runtime_env": runtime_env(), "log_to_driver": True, "configure_logging": False}
-        if address and address != "local":
+        if not local:
             check_reachable(address)
             log.info("connecting to the Ray cluster at %s", address)
             # Inside `ray job submit` the job's runtime env (jobs/runtime_env.yaml) sets some of

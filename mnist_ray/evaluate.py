@@ -26,7 +26,6 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from mnist_ray import infer, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
@@ -55,30 +54,7 @@ class EvaluateConfig:
 
 def check_output(uri: str, *, overwrite: bool) -> storage.Location:
     """Fail before any work if the report dir exists (without --overwrite) or cannot be written."""
-    loc = storage.resolve(uri)
-    try:
-        info = loc.fs.get_file_info(loc.path)
-        if info.type == pafs.FileType.File:
-            raise MnistRayError(f"{uri} is a file: choose a directory for the report")
-        if info.type == pafs.FileType.Directory:
-            names = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))}
-            if names and not overwrite:
-                raise MnistRayError(f"{uri} already exists; pass --overwrite to replace it")
-            # Publishing replaces the whole directory: never someone else's files.
-            if names and "metrics.json" not in names:
-                raise MnistRayError(f"{uri} is not empty and not a report dir: choose a new path")
-        parent = os.path.dirname(loc.path.rstrip("/"))
-        if parent:
-            loc.fs.create_dir(parent, recursive=True)
-        probe = f"{loc.path.rstrip('/')}.probe-{os.getpid()}"
-        with loc.fs.open_output_stream(probe):
-            pass
-        loc.fs.delete_file(probe)
-    except MnistRayError:
-        raise
-    except OSError as e:
-        raise MnistRayError(storage.describe_error(e, uri)) from e
-    return loc
+    return storage.prepare_directory_output(uri, overwrite=overwrite, marker="metrics.json", what="report dir")
 
 
 def compute_metrics(table: pa.Table) -> dict:

@@ -44,30 +44,7 @@ MODEL_FILES = ("model.keras", "metadata.json")
 
 def check_output(uri: str, *, overwrite: bool) -> storage.Location:
     """Fail before training if the model dir exists (without --overwrite) or cannot be written."""
-    loc = storage.resolve(uri)
-    try:
-        info = loc.fs.get_file_info(loc.path)
-        if info.type == pafs.FileType.File:
-            raise MnistRayError(f"{uri} is a file: choose a directory for the model")
-        if info.type == pafs.FileType.Directory:
-            names = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))}
-            if names and not overwrite:
-                raise MnistRayError(f"{uri} already exists; pass --overwrite to replace it "
-                                    "(the old model stays in place until the new one is complete)")
-            if names and "metadata.json" not in names:
-                raise MnistRayError(f"{uri} is not empty and not a model dir: choose a new path")
-        parent = os.path.dirname(loc.path.rstrip("/"))
-        if parent:
-            loc.fs.create_dir(parent, recursive=True)
-        probe = f"{loc.path.rstrip('/')}.probe-{os.getpid()}"
-        with loc.fs.open_output_stream(probe):
-            pass
-        loc.fs.delete_file(probe)
-    except MnistRayError:
-        raise
-    except OSError as e:
-        raise MnistRayError(storage.describe_error(e, uri)) from e
-    return loc
+    return storage.prepare_directory_output(uri, overwrite=overwrite, marker="metadata.json", what="model dir")
 
 
 def open_model_dir(uri: str) -> tuple[str, dict]:

@@ -149,7 +149,9 @@ def run(cfg: PrepareConfig) -> dict:
     cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output))
 
     ds, expected = _build_dataset(data, cfg)
-    sink = shards.ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20)
+    from mnist_ray.sink import ShardSink
+
+    sink = ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20)
     try:
         ds.write_datasink(sink)
     except OSError as e:

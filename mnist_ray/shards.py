@@ -1,4 +1,4 @@
-"""The image-shard format: Parquet files of encoded digits, written by a Ray Data sink.
+"""The image-shard format: Parquet files of encoded digits, written by ``sink.ShardSink``.
 
 Schema (version 1): ``id`` string (unique, stable across runs), ``image`` binary (PNG or
 JPEG bytes), ``label`` int8 (null when unknown), ``split`` string (null when the source has
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-from collections import Counter
 from typing import Iterable
 
 import numpy as np
@@ -17,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mnist_ray import storage
-from mnist_ray.sink import ParquetPartSink
 
 SCHEMA_VERSION = 1
 KIND = "image-shards"
@@ -57,26 +55,6 @@ def fingerprint(content_xor: np.ndarray, counts: dict) -> str:
     h.update(content_xor.tobytes())
     h.update(repr(sorted((k, sorted(v["labels"].items())) for k, v in counts.items())).encode())
     return "sha256:" + h.hexdigest()
-
-
-class ShardSink(ParquetPartSink):
-    """Writes shards of at most ``rows_per_shard`` rows; rows with a non-null ``error`` column are
-    not stored but reported (id, path, error) for the manifest, with counts and row digests."""
-
-    def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
-        super().__init__(loc, run_id, SCHEMA, rows_per_shard, max_shard_bytes)
-
-    def select(self, table: pa.Table) -> tuple[pa.Table, dict]:
-        rejected = []
-        if "error" in table.column_names:
-            bad = table.filter(table["error"].is_valid())
-            rejected = [{"id": i, "path": p, "error": e} for i, p, e in
-                        zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
-            table = table.filter(table["error"].is_null())
-        table = table.select(SCHEMA.names).cast(SCHEMA)
-        counts = Counter(zip(table["split"].to_pylist(), table["label"].to_pylist()))
-        return table, {"rejected": rejected, "xor": xor_digest([row_digests(table)]).tobytes(),
-                       "counts": [(s, l, n) for (s, l), n in counts.items()]}
 
 
 def summarize(files: list[dict], reports: list[dict]) -> dict:

@@ -1,13 +1,15 @@
-"""A Ray Data sink that writes Parquet part files and reports what it wrote to the driver.
+"""The Ray Data sink that writes image shards and reports what it wrote to the driver.
 
-Shards and predictions are both written by it: each write task streams its blocks into
-files of at most ``rows_per_file`` rows (or ``max_file_bytes``), named after the run, and
-returns a small report (files, rows, and whatever ``describe`` adds) that the driver merges
-into the manifest without reading the data again.
+Imported only where Ray is in use (it subclasses ``ray.data.Datasink``), so importing the
+rest of the package never imports Ray (see ``cluster.connect``). Each write task streams its
+blocks into files of at most ``rows_per_file`` rows (or ``max_file_bytes``), named after the
+run, and returns a small report (files, rows, and what ``select`` adds: counts, rejected
+files, row digests) that the driver merges into the manifest without reading the data again.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable
 
 import pyarrow as pa
@@ -15,7 +17,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
-from mnist_ray import storage
+from mnist_ray import shards, storage
 
 
 class ParquetPartSink(Datasink):
@@ -71,3 +73,23 @@ class ParquetPartSink(Datasink):
 
     def reports(self) -> list[dict]:
         return [rep for r in self.results for rep in r["reports"]]
+
+
+class ShardSink(ParquetPartSink):
+    """Writes shards of at most ``rows_per_shard`` rows; rows with a non-null ``error`` column are
+    not stored but reported (id, path, error) for the manifest, with counts and row digests."""
+
+    def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
+        super().__init__(loc, run_id, shards.SCHEMA, rows_per_shard, max_shard_bytes)
+
+    def select(self, table: pa.Table) -> tuple[pa.Table, dict]:
+        rejected = []
+        if "error" in table.column_names:
+            bad = table.filter(table["error"].is_valid())
+            rejected = [{"id": i, "path": p, "error": e} for i, p, e in
+                        zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
+            table = table.filter(table["error"].is_null())
+        table = table.select(shards.SCHEMA.names).cast(shards.SCHEMA)
+        counts = Counter(zip(table["split"].to_pylist(), table["label"].to_pylist()))
+        return table, {"rejected": rejected, "xor": shards.xor_digest([shards.row_digests(table)]).tobytes(),
+                       "counts": [(s, l, n) for (s, l), n in counts.items()]}

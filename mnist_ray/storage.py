@@ -204,6 +204,39 @@ def publish(loc: Location, manifest: dict, *, run_id: str) -> None:
             loc.fs.delete_dir(info.path)  # an older run's data, or another model's partial work
 
 
+def prepare_directory_output(uri: str, *, overwrite: bool, marker: str, what: str) -> Location:
+    """Check that ``uri`` can receive a directory published whole (a model dir, a report).
+
+    Fails fast on an existing directory without ``overwrite``, on a non-empty directory that
+    is not a ``what`` (it has no ``marker`` file: publishing would delete someone else's
+    files), and on a path that cannot be written.
+    """
+    loc = resolve(uri)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+        if info.type == pafs.FileType.File:
+            raise MnistRayError(f"{uri} is a file: choose a directory for the {what}")
+        if info.type == pafs.FileType.Directory:
+            names = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))}
+            if names and not overwrite:
+                raise MnistRayError(f"{uri} already exists; pass --overwrite to replace it "
+                                    f"(the old {what} stays in place until the new one is complete)")
+            if names and marker not in names:
+                raise MnistRayError(f"{uri} is not empty and not a {what}: choose a new path")
+        parent = os.path.dirname(loc.path.rstrip("/"))
+        if parent:
+            loc.fs.create_dir(parent, recursive=True)
+        probe = f"{loc.path.rstrip('/')}.probe-{os.getpid()}"
+        with loc.fs.open_output_stream(probe):
+            pass
+        loc.fs.delete_file(probe)
+    except MnistRayError:
+        raise
+    except OSError as e:
+        raise MnistRayError(describe_error(e, uri)) from e
+    return loc
+
+
 def publish_directory(local_dir: str, loc: Location, *, run_id: str) -> None:
     """Publish a finished local directory (a model dir) at ``loc``, ``_SUCCESS`` last.
 

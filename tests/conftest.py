@@ -15,6 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Before anything imports Ray: every Ray these tests start listens on 127.0.0.1 only (see
+# mnist_ray.cluster.SINGLE_MACHINE), including the `ray start --head` of test_cluster.py.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
 

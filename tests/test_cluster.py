@@ -67,6 +67,28 @@ def test_local_paths_on_a_cluster_of_several_machines_get_a_warning(monkeypatch,
     assert caplog.text == ""
 
 
+def _listening(pids: set[int]) -> list:
+    import psutil
+
+    return [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _tree(pids) -> set[int]:
+    import psutil
+
+    procs = [psutil.Process(p) for p in pids if psutil.pid_exists(p)]
+    return {p.pid for p in procs} | {c.pid for p in procs for c in p.children(recursive=True)}
+
+
+def test_single_node_ray_listens_on_loopback_only(ray_local):
+    import ray
+
+    node = ray._private.worker._global_node
+    pids = _tree({info.process.pid for infos in node.all_processes.values() for info in infos} | {os.getpid()})
+    listening = _listening(pids)
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
+
+
 # --- a real head -------------------------------------------------------------------------------
 
 
@@ -80,24 +102,62 @@ def ray_head(tmp_path_factory):
     temp = Path("/tmp") / f"mnist-ray-head-{secrets.token_hex(3)}"  # short: Unix socket paths
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
+           # Without it `ray start` replaces --node-ip-address 127.0.0.1 by the machine's
+           # reachable IP and its servers listen on every interface.
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     gcs, dashboard = _free_port(), _free_port()
+    # Ports of its own: the session's Ray also listens on 127.0.0.1, and Ray's fixed defaults
+    # (e.g. the dashboard agent's 52365, the client server's 10001) would collide.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-                    "--port", str(gcs), "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                    "--port", str(gcs), "--dashboard-port", str(dashboard), *ports, "--num-cpus", "2",
                     "--temp-dir", str(temp), "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=120)
     env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"  # what `ray job` commands talk to
+    env["_TEMP"] = str(temp)
+    deadline = time.monotonic() + 60
+    while subprocess.run([RAY, "job", "list"], env=env, capture_output=True, timeout=60).returncode != 0:
+        assert time.monotonic() < deadline, "the head's job server never came up"
+        time.sleep(1)  # `ray start` returns before the dashboard's job server listens
     try:
         yield env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env={**env, "RAY_ADDRESS": ""}, capture_output=True, timeout=120)
+        _stop_head(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _head_processes(temp: str) -> list:
+    """The head's processes: those started with its temp dir, and all their children."""
+    import psutil
+
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(temp in a for a in p.info["cmdline"] or [])]
+    return roots + [c for p in roots for c in p.children(recursive=True)]
+
+
+def _stop_head(temp: str) -> None:
+    """`ray stop` would also kill the session's Ray (and with its GCS, this pytest process):
+    stop only the head's processes."""
+    import psutil
+
+    procs = _head_processes(temp)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        p.kill()
 
 
 def _submit(env: dict, job_id: str, *args: str) -> tuple[str, str]:
     """`ray job submit` from the repo root with the project's runtime env; (final state, logs)."""
-    subprocess.run([RAY, "job", "submit", "--submission-id", job_id, "--runtime-env", "jobs/runtime_env.yaml",
-                    "--", "python", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    submit = subprocess.run([RAY, "job", "submit", "--submission-id", job_id, "--runtime-env",
+                             "jobs/runtime_env.yaml", "--", "python", *args],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     deadline, state = time.monotonic() + 60, "unknown"
     while state == "unknown" and time.monotonic() < deadline:
         # `submit` returns when the logs end, a moment before the state is final.
@@ -106,11 +166,13 @@ def _submit(env: dict, job_id: str, *args: str) -> tuple[str, str]:
         state = next((w for w in ("succeeded", "failed", "stopped") if f"job '{job_id}' {w}" in text), "unknown")
         time.sleep(0 if state != "unknown" else 1)
     logs = subprocess.run([RAY, "job", "logs", job_id], env=env, capture_output=True, text=True, timeout=60)
-    return state, logs.stdout
+    return state, logs.stdout or submit.stdout + submit.stderr
 
 
 @pytest.mark.e2e
 def test_jobs_submitted_to_a_real_head(ray_head, tmp_path):
+    listening = _listening({p.pid for p in _head_processes(ray_head["_TEMP"])})
+    assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
     out = tmp_path / "mnist"
     state, logs = _submit(ray_head, "prepare-1", "jobs/prepare.py", "--source", "mnist-sample", "--limit", "100",
                           "--output", str(out / "shards"))
