@@ -354,24 +354,37 @@ def _checkpointed_rows(loc: storage.Location, work: str) -> int:
     import pyarrow.parquet as pq
 
     selector = pafs.FileSelector(loc.join(work, "checkpoint"), allow_not_found=True)
-    return sum(pq.ParquetFile(loc.fs.open_input_file(info.path)).metadata.num_rows
-               for info in loc.fs.get_file_info(selector)
-               if info.path.endswith(".parquet") and not info.path.endswith(".pending.parquet"))
+    rows = 0
+    for info in loc.fs.get_file_info(selector):
+        if info.path.endswith(".parquet") and not info.path.endswith(".pending.parquet"):
+            with loc.fs.open_input_file(info.path) as f:
+                rows += pq.ParquetFile(f).metadata.num_rows
+    return rows
 
 
-def _written_files(loc: storage.Location, work: str) -> tuple[list[dict], pa.Array]:
-    """The data files of ``work`` (manifest entries) and every id in them."""
+def _written_files(loc: storage.Location, work: str) -> tuple[list[dict], pa.Array, pa.Table]:
+    """The data files of ``work`` (manifest entries), every id in them, and the failed rows.
+
+    One pass over two small columns; the failed rows' paths are read (with a pushed-down
+    filter) only from files that have some.
+    """
     import pyarrow.parquet as pq
 
     selector = pafs.FileSelector(loc.join(work, "data"), allow_not_found=True)
-    files, ids = [], []
+    files, ids, bad = [], [], []
     for info in sorted(loc.fs.get_file_info(selector), key=lambda i: i.path):
         if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
             continue
-        column = pq.read_table(info.path, columns=["id"], filesystem=loc.fs)["id"].combine_chunks()
-        files.append({"path": f"{work}/data/{info.base_name}", "rows": len(column), "bytes": info.size})
-        ids.append(column)
-    return files, pa.concat_arrays(ids) if ids else pa.array([], pa.string())
+        table = pq.read_table(info.path, columns=["id", "error"], filesystem=loc.fs)
+        files.append({"path": f"{work}/data/{info.base_name}", "rows": table.num_rows, "bytes": info.size})
+        ids.append(table["id"].combine_chunks())
+        if table["error"].null_count < table.num_rows:
+            bad.append(pq.read_table(info.path, columns=["id", "path", "error"], filesystem=loc.fs,
+                                     filters=pc.field("error").is_valid()).cast(
+                pa.schema([SCHEMA.field("id"), SCHEMA.field("path"), SCHEMA.field("error")])))
+    empty = pa.schema([SCHEMA.field(c) for c in ("id", "path", "error")]).empty_table()
+    return (files, pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+            pa.concat_tables(bad) if bad else empty)
 
 
 def reconcile(expected_ids: pa.Array, written: pa.Array) -> None:
@@ -429,7 +442,6 @@ def run(cfg: InferConfig) -> dict:
     runtimes.check(model_local, cfg.runtime)
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
     cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
-    _pool_resources(cfg)  # fail fast, before reading anything
     import ray
 
     ds, expected_ids, source = _open_input(cfg.input)
@@ -461,24 +473,19 @@ def run(cfg: InferConfig) -> dict:
     try:
         predictions.write_parquet(loc.join(work, "data"), filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                                   ray_remote_args={"num_cpus": IO_CPUS})
+        timing = ray.get(progress.state.remote())
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
     finally:
         lines.stopped.set()
+        ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
     seconds = time.perf_counter() - scoring_started
-    timing = ray.get(progress.state.remote())
-    ray.kill(progress)
 
-    files, written = _written_files(loc, work)
+    # Only the ids and the failed rows come back to the driver, however many rows.
+    files, written, bad = _written_files(loc, work)
     reconcile(expected_ids, written)
-    import pyarrow.parquet as pq
-
-    # Only the failed rows come back to the driver (a pushed-down filter), however many rows.
-    bad = pa.concat_tables(pq.read_table(loc.join(f["path"]), columns=["id", "path", "error"],
-                                         filesystem=loc.fs, filters=pc.field("error").is_valid())
-                           for f in files) if files else None
     rows = len(expected_ids)
-    error_rows = bad.num_rows if bad is not None else 0
+    error_rows = bad.num_rows
     if rows and error_rows / rows > cfg.max_error_rate:
         examples = "; ".join(f"{i}: {e}" for i, e in zip(bad["id"].to_pylist()[:3], bad["error"].to_pylist()[:3]))
         raise MnistRayError(f"{error_rows} of {rows} rows could not be scored (> --max-error-rate "
@@ -500,9 +507,7 @@ def run(cfg: InferConfig) -> dict:
         "model": {"uri": cfg.model, "version": metadata["version"], "runtime": cfg.runtime},
         "config": dataclasses.asdict(cfg), "mnist_ray_version": __version__,
         "rows": rows, "error_rows": error_rows, "figures": figures,
-        "quarantine": [{"id": i, "path": p, "error": e} for i, p, e in
-                       zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
-        if bad is not None else [],
+        "quarantine": bad.to_pylist(),
         "files": files, "seconds": round(seconds, 2), "images_per_s": figures["images_per_s"],
         "fingerprint": f"{source['fingerprint']}/{metadata['version']}/{cfg.runtime}",
     }

@@ -263,6 +263,25 @@ def test_work_dirs_differ_by_input_model_runtime_and_the_run_they_replace(tmp_pa
     assert infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf") != base
 
 
+def test_the_resume_filter_matches_files_by_uri(ray_local, tmp_path):
+    """Raw files are checkpointed by the URI written (s3://b/k); Ray's read yields b/k."""
+    import ray
+
+    from mnist_ray import storage
+
+    source = {"resume_key": "path", "scheme": "s3://"}
+    config = infer._checkpoint_config(storage.resolve(str(tmp_path)), "run-0", source)
+    done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
+    keep = config.checkpoint_filter_cls(config, done).filter_rows_for_block(
+        pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]}))
+    assert keep["path"].to_pylist() == ["b/x/2.png"] and keep["bytes"].to_pylist() == [b"2"]
+    # Local files: the written path is the reader's path, Ray's own comparison applies.
+    local = infer._checkpoint_config(storage.resolve(str(tmp_path)), "run-0", {**source, "scheme": ""})
+    keep = local.checkpoint_filter_cls(local, ray.put(np.array(["/d/1.png"], dtype=object))).filter_rows_for_block(
+        pa.table({"path": ["/d/1.png", "/d/2.png"]}))
+    assert keep["path"].to_pylist() == ["/d/2.png"]
+
+
 def _scored_some(process) -> bool:
     """The actor has been busy for a moment (its model is loaded and batches are flowing)."""
     try:
