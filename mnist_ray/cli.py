@@ -30,6 +30,8 @@ COMMANDS = {
                  "prepare -> train -> infer -> evaluate, skipping every stage whose output is current"),
     "predict": ("mnist_ray.predict", "PredictConfig",
                 "classify a few image files here and now: class and the ten percentages"),
+    "bench": ("mnist_ray.bench", "BenchConfig",
+              "images/s of batch inference: naive loop, forward-pass ceiling, the whole job; training"),
 }
 
 

@@ -13,6 +13,7 @@ so another model or input never reuses partial work. Readers only see the manife
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import hashlib
@@ -96,16 +97,32 @@ class InferConfig:
 # --- worker side ----------------------------------------------------------------------------
 
 def prepare_rows(batch: pa.Table) -> pa.Table:
-    """Encoded images -> model input and per-row errors (a Ray Data task: no model here).
+    """Input rows -> the model's 28x28 uint8 pixels and per-row errors (no model here).
 
-    Typed Arrow columns throughout: an all-null column must stay a string column.
+    Shards of schema 2 carry ``pixels`` already: they pass through without a copy, and only
+    rows stored without pixels (or raw files, v1 shards) are decoded. Pixels stay uint8
+    (fixed_size_binary(784)) until the predictor: 4x less to move between operators than
+    float32. Typed Arrow columns throughout: an all-null column must stay a string column.
     """
-    from ray.data.extensions import ArrowTensorArray
-
-    pixels, errors = preprocess.prepare_batch(batch["image"].to_pylist())
-    return pa.table({"id": batch["id"], "pixels": ArrowTensorArray.from_numpy(pixels),
+    n = batch.num_rows
+    if "pixels" in batch.column_names and batch["pixels"].null_count == 0:
+        pixels, errors = batch["pixels"], pa.nulls(n, pa.string())
+    else:
+        todo = np.arange(n)
+        pixels = np.zeros((n, preprocess.MODEL_SIZE, preprocess.MODEL_SIZE), np.uint8)
+        if "pixels" in batch.column_names:
+            stored = batch["pixels"].is_valid().to_numpy(zero_copy_only=False)
+            pixels[stored] = shards.pixels_numpy(batch["pixels"])[stored]
+            todo = np.flatnonzero(~stored)
+        decoded, decode_errors = preprocess.prepare_pixels(batch["image"].take(todo).to_pylist())
+        pixels[todo] = decoded
+        error_list: list[str | None] = [None] * n
+        for i, e in zip(todo, decode_errors):
+            error_list[i] = e
+        pixels, errors = shards.pixels_column(pixels), pa.array(error_list, pa.string())
+    return pa.table({"id": batch["id"], "pixels": pixels,
                      "label": batch["label"].cast(pa.int8()), "path": batch["path"].cast(pa.string()),
-                     "error": pa.array(errors, pa.string())})
+                     "error": errors})
 
 
 class Predictor:
@@ -116,19 +133,20 @@ class Predictor:
 
     def __init__(self, load_model: Callable[[], Callable[[np.ndarray], np.ndarray]], model_version: str):
         self.model = load_model()
-        self.model_version = model_version
+        self.model_version = pa.scalar(model_version, pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        errors = batch["error"].to_pylist()
-        ok = np.array([e is None for e in errors], dtype=bool)
+        errors = batch["error"]
+        ok = np.ones(n, bool) if errors.null_count == n else errors.is_null().to_numpy(zero_copy_only=False)
         probs = np.zeros((n, NUM_CLASSES), np.float32)
         if ok.any():
-            pixels = batch["pixels"].combine_chunks().to_numpy_ndarray()
+            pixels = shards.pixels_numpy(batch["pixels"])
             try:
-                probs[ok] = self.model(np.ascontiguousarray(pixels[ok]))
+                probs[ok] = runtimes.predict_pixels(self.model, pixels if ok.all() else pixels[ok])
             except Exception as e:  # noqa: BLE001 - a batch the model rejects becomes error rows
-                errors = [err or f"scoring failed: {type(e).__name__}: {e}" for err in errors]
+                message = f"scoring failed: {type(e).__name__}: {e}"
+                errors = pc.coalesce(errors, pa.scalar(message, pa.string()))
                 ok[:] = False
         return pa.table({
             "id": batch["id"],
@@ -137,8 +155,8 @@ class Predictor:
             "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), NUM_CLASSES),
             "label": batch["label"],
             "path": batch["path"],
-            "model_version": pa.array([self.model_version] * n, pa.string()),
-            "error": pa.array(errors, pa.string()),
+            "model_version": pa.repeat(self.model_version, n),
+            "error": errors,
         })
 
 
@@ -224,41 +242,65 @@ def _is_shards(uri: str) -> bool:
         raise MnistRayError(storage.describe_error(e, uri)) from e
 
 
+def _shard_columns(manifest: dict) -> list[str]:
+    """The columns inference reads: the stored pixels where the shards have them (then the
+    encoded image only if some rows have no pixels), else the encoded image."""
+    if not shards.has_pixels(manifest):
+        return ["id", "image", "label", "path"]
+    return ["id", "pixels", "label", "path"] + (["image"] if manifest.get("pixels_missing", 0) else [])
+
+
 def _open_input(uri: str):
-    """A Ray Dataset of (id, image, label, path) rows, the expected ids, and a description.
+    """Everything about the input that needs no Ray: (description, expected ids, a few real
+    rows for the smoke test, a function that makes the streaming Ray Dataset).
 
     The description's ``resume_key`` names the column Ray Data's checkpoint filter sees right
     after the read: ``id`` in shards, ``path`` for raw files (the read has no id yet).
     """
-    import ray
+    import pyarrow.parquet as pq
 
     if _is_shards(uri):
         loc, manifest = shards.open_shards(uri)
-        # The V1 Parquet read: V2 adds a ListFiles task that reserves a whole CPU with no way
-        # to ask for less, and beside the checkpoint filter and predictor actors of a resumed
-        # run on a 2-CPU node it never gets one (the job hangs).
-        context = ray.data.DataContext.get_current()
-        v2, context.use_datasource_v2 = context.use_datasource_v2, False
-        try:
-            ds = shards.read_dataset(uri, columns=["id", "image", "label", "path"],
-                                     ray_remote_args={"num_cpus": IO_CPUS})
-        finally:
-            context.use_datasource_v2 = v2
+        columns = _shard_columns(manifest)
+        paths = shards.shard_paths(loc, manifest)
+        sample = pq.ParquetFile(paths[0], filesystem=loc.fs).read_row_group(0, columns=columns).slice(0, 8) \
+            if paths else None
+
+        def dataset():
+            import ray
+
+            # The V1 Parquet read: V2 adds a ListFiles task that reserves a whole CPU with no
+            # way to ask for less, and beside the checkpoint filter and predictor actors of a
+            # resumed run on a 2-CPU node it never gets one (the job hangs).
+            context = ray.data.DataContext.get_current()
+            v2, context.use_datasource_v2 = context.use_datasource_v2, False
+            try:
+                return shards.read_dataset(uri, columns=columns, ray_remote_args={"num_cpus": IO_CPUS})
+            finally:
+                context.use_datasource_v2 = v2
+
         ids = shards.read_table(uri, columns=["id"])["id"]
-        return ds, ids, {"kind": "shards", "uri": uri, "fingerprint": manifest["fingerprint"],
-                         "resume_key": "id", "scheme": ""}
+        return ({"kind": "shards", "uri": uri, "fingerprint": manifest["fingerprint"],
+                 "resume_key": "id", "scheme": ""}, ids, sample, dataset)
     folder = datasets.image_folder(uri)
     paths = [folder.root.join(rel) for rel, _ in folder.files]
     listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in folder.files).encode())
+    first = paths[:8]
+    raw = [folder.root.fs.open_input_file(p).readall() for p in first]
+    sample = datasets.folder_rows(pa.table({"bytes": pa.array(raw, pa.binary()), "path": pa.array(first, pa.string())}),
+                                  folder.root.path, folder.root.scheme)
 
-    ds = ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True,
-                                    ray_remote_args={"num_cpus": IO_CPUS}).map_batches(
-        datasets.folder_rows, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"root": folder.root.path, "scheme": folder.root.scheme})
+    def dataset():
+        import ray
+
+        return ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True,
+                                          ray_remote_args={"num_cpus": IO_CPUS}).map_batches(
+            datasets.folder_rows, batch_format="pyarrow", batch_size=256,
+            fn_kwargs={"root": folder.root.path, "scheme": folder.root.scheme})
+
     ids = pa.array([rel for rel, _ in folder.files], pa.string())
-    return ds, ids, {"kind": "images", "uri": uri, "files": len(paths),
-                     "fingerprint": "sha256:" + listing.hexdigest(),
-                     "resume_key": "path", "scheme": folder.root.scheme}
+    return ({"kind": "images", "uri": uri, "files": len(paths), "fingerprint": "sha256:" + listing.hexdigest(),
+             "resume_key": "path", "scheme": folder.root.scheme}, ids, sample, dataset)
 
 
 def open_predictions(uri: str) -> tuple[storage.Location, dict]:
@@ -396,17 +438,18 @@ def reconcile(expected_ids: pa.Array, written: pa.Array) -> None:
                             f"({distinct} distinct ids); nothing was published")
 
 
-def _smoke_test(model_local: str, cfg: InferConfig, ds) -> None:
-    """Score one real batch in the driver: a broken model fails in seconds, not in the pool."""
-    sample = ds.take_batch(8, batch_format="pyarrow")
-    pixels, _ = preprocess.prepare_batch(sample["image"].to_pylist())
+def _smoke_test(model_local: str, cfg: InferConfig, sample: pa.Table | None) -> None:
+    """Score a few real rows in the driver: a broken model fails in seconds, not in the pool."""
+    if sample is None or sample.num_rows == 0:
+        return
+    rows = prepare_rows(sample)
     try:
-        probs = runtimes.load(model_local, cfg.runtime)(pixels)
+        probs = runtimes.predict_pixels(runtimes.load(model_local, cfg.runtime), shards.pixels_numpy(rows["pixels"]))
     except MnistRayError:
         raise
     except Exception as e:  # noqa: BLE001
         raise MnistRayError(f"the model in {cfg.model} fails on real input: {type(e).__name__}: {e}") from e
-    if probs.shape != (len(pixels), NUM_CLASSES) or not np.allclose(probs.sum(1), 1, atol=1e-2):
+    if probs.shape != (rows.num_rows, NUM_CLASSES) or not np.allclose(probs.sum(1), 1, atol=1e-2):
         raise MnistRayError(f"the model in {cfg.model} returns {probs.shape}, not class probabilities")
 
 
@@ -441,11 +484,20 @@ def run(cfg: InferConfig) -> dict:
     model_local, metadata = export.open_model_dir(cfg.model)
     runtimes.check(model_local, cfg.runtime)
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-    cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
+    source, expected_ids, sample, dataset = _open_input(cfg.input)
+    # The smoke test (which imports TensorFlow and loads the model) runs while Ray starts:
+    # the one mostly waits on imports, the other on its daemons.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        smoke = pool.submit(_smoke_test, model_local, cfg, sample)
+        connecting = time.perf_counter()
+        try:
+            cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
+        finally:
+            ray_startup = time.perf_counter() - connecting
+            smoke.result()
     import ray
 
-    ds, expected_ids, source = _open_input(cfg.input)
-    _smoke_test(model_local, cfg, ds)
+    ds = dataset()
     work = work_dir(loc, source, metadata["version"], cfg.runtime)
     resumed = _checkpointed_rows(loc, work)
     lo, hi, gpus, actor_cpus = _pool_resources(cfg, resuming=resumed > 0)
@@ -495,7 +547,7 @@ def run(cfg: InferConfig) -> dict:
     figures = {
         "rows": rows, "errors": error_rows, "resumed_rows": resumed, "scored_rows": scored,
         "scoring_seconds": round(seconds, 2), "images_per_s": round(scored / seconds, 1),
-        "startup_seconds": round(startup, 2),
+        "startup_seconds": round(startup, 2), "ray_startup_seconds": round(ray_startup, 2),
         "actor_startup_seconds": round(max(timing["ready"]) - scoring_wall, 2) if timing["ready"] else None,
         "model_load_seconds": round(max(timing["load_seconds"]), 2) if timing["load_seconds"] else None,
         "first_prediction_seconds": round(timing["first_at"] - scoring_wall, 2) if timing["first_at"] else None,

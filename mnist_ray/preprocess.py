@@ -89,10 +89,12 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def prepare_batch(images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
-    """Encoded images -> model input (N, 28, 28, 1) float32 and one error (or None) per image.
+def prepare_pixels(images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    """Encoded images -> MNIST-like uint8 (N, 28, 28) and one error (or None) per image.
 
-    A row that cannot be decoded gets zeros and its error: the batch goes on.
+    A row that cannot be decoded gets zeros and its error: the batch goes on. This is the one
+    definition of "the pixels the model sees": prepare stores it in the shards, inference
+    recomputes it only for images stored without it.
     """
     pixels = np.zeros((len(images), MODEL_SIZE, MODEL_SIZE), dtype=np.uint8)
     errors: list[str | None] = [None] * len(images)
@@ -103,6 +105,12 @@ def prepare_batch(images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
             pixels[i] = mnist_like(decode_for_model(data))
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             errors[i] = f"{type(e).__name__}: {e}"
+    return pixels, errors
+
+
+def prepare_batch(images: list[bytes]) -> tuple[np.ndarray, list[str | None]]:
+    """Encoded images -> model input (N, 28, 28, 1) float32 and one error (or None) per image."""
+    pixels, errors = prepare_pixels(images)
     return normalize(pixels), errors
 
 

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from mnist_ray import preprocess
 from mnist_ray.errors import MnistRayError
 
 # runtime name -> file inside the model dir
@@ -49,6 +50,7 @@ class TFLiteRuntime:
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self._batch = 0
+        self._lut = None
 
     def _allocate(self, batch: int) -> None:
         self.interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape"][1:]])
@@ -57,17 +59,31 @@ class TFLiteRuntime:
         self._output = self.interpreter.get_output_details()[0]
         self._batch = batch
 
+    def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, 28, 28) -> probabilities. A full-integer model's input is quantized with a
+        256-entry table (one gather, the same values as quantizing the normalized floats)."""
+        if self._input["dtype"] == np.float32:
+            return self(preprocess.normalize(pixels))
+        if self._lut is None:
+            self._lut = self._quantize(preprocess.normalize(np.arange(256, dtype=np.uint8)[None])[0, :, 0])
+        return self._run(self._lut[pixels][..., None])
+
+    def _quantize(self, images: np.ndarray) -> np.ndarray:
+        scale, zero = self._input["quantization"]
+        info = np.iinfo(self._input["dtype"])
+        return np.clip(np.round(images / scale + zero), info.min, info.max).astype(self._input["dtype"])
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        n = len(images)
+        """float32 (N, 28, 28, 1) in [0, 1] -> probabilities."""
+        return self._run(images if self._input["dtype"] == np.float32 else self._quantize(images))
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """Model-typed input (N, 28, 28, 1) -> float32 probabilities."""
+        n = len(x)
         if n > self._batch:
             self._allocate(n)
         if n < self._batch:
-            images = np.concatenate([images, np.zeros((self._batch - n, *images.shape[1:]), images.dtype)])
-        x = images
-        if self._input["dtype"] != np.float32:  # full-integer model: quantize the input
-            scale, zero = self._input["quantization"]
-            info = np.iinfo(self._input["dtype"])
-            x = np.clip(np.round(images / scale + zero), info.min, info.max).astype(self._input["dtype"])
+            x = np.concatenate([x, np.zeros((self._batch - n, *x.shape[1:]), x.dtype)])
         self.interpreter.set_tensor(self._input["index"], x)
         self.interpreter.invoke()
         y = self.interpreter.get_tensor(self._output["index"])[:n]
@@ -75,6 +91,13 @@ class TFLiteRuntime:
             scale, zero = self._output["quantization"]
             y = (y.astype(np.float32) - zero) * scale
         return y.astype(np.float32)
+
+
+def predict_pixels(runtime, pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (N, 28, 28) -> probabilities, through the runtime's own fast path if it
+    has one (full-integer TFLite skips the float detour), else its float32 input."""
+    fast = getattr(runtime, "predict_pixels", None)
+    return fast(pixels) if fast is not None else runtime(preprocess.normalize(pixels))
 
 
 def check(model_dir: str, runtime: str) -> str:

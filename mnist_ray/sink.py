@@ -77,7 +77,8 @@ class ParquetPartSink(Datasink):
 
 class ShardSink(ParquetPartSink):
     """Writes shards of at most ``rows_per_shard`` rows; rows with a non-null ``error`` column are
-    not stored but reported (id, path, error) for the manifest, with counts and row digests."""
+    not stored but reported (id, path, error) for the manifest, with counts and row digests.
+    Adds the ``pixels`` column (the model's 28x28 input) to every stored row."""
 
     def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
         super().__init__(loc, run_id, shards.SCHEMA, rows_per_shard, max_shard_bytes)
@@ -89,7 +90,9 @@ class ShardSink(ParquetPartSink):
             rejected = [{"id": i, "path": p, "error": e} for i, p, e in
                         zip(bad["id"].to_pylist(), bad["path"].to_pylist(), bad["error"].to_pylist())]
             table = table.filter(table["error"].is_null())
+        # The pixels the model sees, computed once here with inference's own function.
+        table, missing = shards.with_pixels(table)
         table = table.select(shards.SCHEMA.names).cast(shards.SCHEMA)
         counts = Counter(zip(table["split"].to_pylist(), table["label"].to_pylist()))
         return table, {"rejected": rejected, "xor": shards.xor_digest([shards.row_digests(table)]).tobytes(),
-                       "counts": [(s, l, n) for (s, l), n in counts.items()]}
+                       "counts": [(s, l, n) for (s, l), n in counts.items()], "pixels_missing": missing}

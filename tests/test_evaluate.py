@@ -62,7 +62,8 @@ def labelled(tmp_path, mnist_test_arrays) -> str:
     ids = [f"r{i:02d}" for i in range(11)]
     shard_rows = pa.table({"id": ids, "image": preprocess.encode_png(images[:11]),
                            "label": pa.array([int(v) for v in labels[:11]], pa.int8()),
-                           "split": ["test"] * 11, "path": [None] * 11}, schema=shards.SCHEMA)
+                           "split": ["test"] * 11, "path": [None] * 11,
+                           "pixels": shards.pixels_column(images[:11])}, schema=shards.SCHEMA)
     shards_uri = _publish(tmp_path / "shards", shard_rows, {"kind": "image-shards", "fingerprint": "sha256:s"})
     return _predictions(tmp_path / "predictions", ids, [int(v) for v in labels[:10]] + [None],
                         {"kind": "shards", "uri": shards_uri, "fingerprint": "sha256:s"})

@@ -59,6 +59,26 @@ def test_a_model_failure_turns_the_batch_into_error_rows(mnist_test_arrays):
     assert all("scoring failed: RuntimeError: out of memory" in e for e in out["error"].to_pylist())
 
 
+def test_prepare_rows_takes_stored_pixels_and_decodes_only_the_rows_without(mnist_test_arrays):
+    images, _ = mnist_test_arrays
+    rows = _rows(preprocess.encode_png(images[:4]))
+    # v2 shards: pixels stored for every row -> passed through untouched (no decoding at all:
+    # the image column is absent).
+    stored = rows.drop_columns(["image"]).append_column("pixels", shards.pixels_column(images[:4]))
+    out = prepare_rows(stored)
+    np.testing.assert_array_equal(shards.pixels_numpy(out["pixels"]), images[:4])
+    assert out["error"].null_count == 4
+    # Rows stored without pixels (prepare could not make them) are decoded from their image,
+    # and one that fails again becomes an error row.
+    mixed = _rows([*preprocess.encode_png(images[:2]), b"garbage"]).append_column(
+        "pixels", shards.pixels_column(np.stack([images[0], images[1], images[2]]), np.array([True, False, False])))
+    out = prepare_rows(mixed)
+    np.testing.assert_array_equal(shards.pixels_numpy(out["pixels"])[:2], images[:2])  # row 1 decoded
+    assert out["error"].to_pylist()[:2] == [None, None] and out["error"][2].as_py().startswith("UnidentifiedImageError")
+    # v1 shards (image only) decode every row, to the same pixels.
+    np.testing.assert_array_equal(shards.pixels_numpy(prepare_rows(rows)["pixels"]), images[:4])
+
+
 def test_config_checks():
     assert InferConfig(actors="2..4").pool() == (2, 4) and InferConfig(actors="3").pool() == (3, 3)
     for bad in ("0", "4..2", "x"):
@@ -322,3 +342,26 @@ def test_gpu_actors_are_placed_on_a_declared_gpu(trained_model, small_shards, tm
     assert summary["gpus_per_actor"] == 0.5 and summary["actors"] == "2..2"
     assert summary["rows"] == shards.read_table(small_shards).num_rows and summary["errors"] == 0
     assert (out / "_SUCCESS").exists()
+
+
+@pytest.mark.e2e
+def test_shards_without_pixels_schema_1_give_the_same_predictions(trained_model, small_shards, tmp_path):
+    """Readers accept both shard schemas: a v1 copy (image only) is decoded on the fly."""
+    import shutil
+
+    model_dir, _ = trained_model
+    v1 = tmp_path / "v1"
+    shutil.copytree(small_shards, v1)
+    manifest = json.loads((v1 / "_manifest.json").read_text())
+    manifest["schema_version"] = 1
+    manifest.pop("pixels_missing")
+    (v1 / "_manifest.json").write_text(json.dumps(manifest))
+    for f in manifest["files"]:
+        pq.write_table(pq.read_table(v1 / f["path"]).drop_columns(["pixels"]), v1 / f["path"])
+    run(InferConfig(model=model_dir, input=str(v1), output=str(tmp_path / "p1")))
+    run(InferConfig(model=model_dir, input=small_shards, output=str(tmp_path / "p2")))
+    a, b = _predictions(str(tmp_path / "p1")).sort_by("id"), _predictions(str(tmp_path / "p2")).sort_by("id")
+    assert a.num_rows == b.num_rows > 0 and a["id"].equals(b["id"])
+    assert a["prediction"].equals(b["prediction"])
+    np.testing.assert_allclose(np.array(a["probabilities"].to_pylist()), np.array(b["probabilities"].to_pylist()),
+                               atol=1e-6)

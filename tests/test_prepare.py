@@ -40,7 +40,10 @@ def test_idx_round_trip_is_pixel_exact(ray_local, tmp_path, mnist_idx_dir, mnist
     np.testing.assert_array_equal(preprocess.decode_gray_batch(table["image"].to_pylist()), images[order])
     np.testing.assert_array_equal(table["label"].to_numpy(), labels[order])
     assert set(table["split"].to_pylist()) == {"test"}
+    # Schema 2: the model's 28x28 input is stored beside the PNG (MNIST digits pass unchanged).
+    np.testing.assert_array_equal(shards.pixels_numpy(table["pixels"]), images[order])
     manifest = json.loads((tmp_path / "idx" / "_manifest.json").read_text())
+    assert manifest["schema_version"] == 2 and manifest["pixels_missing"] == 0
     assert manifest["splits"]["test"]["labels"] == {str(k): int(v) for k, v in enumerate(np.bincount(labels))}
 
 
@@ -67,6 +70,10 @@ def test_image_folder_keeps_every_decodable_file_and_lists_the_rest(ray_local, t
     assert all(p.startswith(str(root)) for p in table["path"].to_pylist())
     for image in table["image"].to_pylist():
         assert image[:4] == b"\x89PNG" or image[:2] == b"\xff\xd8"  # BMP became PNG
+    # Stored pixels are exactly what inference would compute from the stored image.
+    expected, errors = preprocess.prepare_pixels(table["image"].to_pylist())
+    assert errors == [None] * table.num_rows
+    np.testing.assert_array_equal(shards.pixels_numpy(table["pixels"]), expected)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert [r["id"] for r in manifest["rejected"]] == ["3/broken.png", "5/truncated.jpg"]
     assert manifest["rejected"][0]["path"] == f"{root}/3/broken.png"

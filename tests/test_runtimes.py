@@ -56,3 +56,14 @@ def test_unknown_or_missing_runtime_is_a_clear_error(trained_model, tmp_path):
         runtimes.load(model_dir, "onnx")
     with pytest.raises(MnistRayError, match="no tflite-int8 variant"):
         runtimes.load(str(tmp_path), "tflite-int8")
+
+
+def test_pixels_in_gives_the_same_probabilities_as_floats_in(trained_model, mnist_test_arrays):
+    """uint8 pixels go straight to every runtime; the int8 model's lookup table quantizes
+    exactly as the float path does (bit-identical input, so identical output)."""
+    model_dir, _ = trained_model
+    pixels = mnist_test_arrays[0][:300]
+    for name in ("tf", "tflite-fp32", "tflite-int8"):
+        runtime = runtimes.load(model_dir, name)
+        np.testing.assert_array_equal(runtimes.predict_pixels(runtime, pixels),
+                                      runtime(preprocess.normalize(pixels)))
