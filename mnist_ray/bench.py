@@ -456,8 +456,8 @@ def run(cfg: BenchConfig) -> dict:
                     replicate_shards(seed, data, n)
                 job = infer_job(cfg, model_dir, data, n, runtime, os.path.join(work, "predictions"))
                 if "micro" in entry:
-                    job["c_over_a"] = round(job["images_per_s"] / entry["micro"]["naive_images_per_s"], 2)
-                    job["c_over_b"] = round(job["images_per_s"] / entry["micro"]["ceiling_images_per_s"], 3)
+                    job["c_over_a"] = _sig(job["images_per_s"] / entry["micro"]["naive_images_per_s"])
+                    job["c_over_b"] = _sig(job["images_per_s"] / entry["micro"]["ceiling_images_per_s"])
                 entry["jobs"].append(job)
                 log.info("bench: %s %s N=%s: %.0f images/s (whole command)", name, runtime, f"{n:,}",
                          job["images_per_s"])
@@ -476,6 +476,11 @@ def run(cfg: BenchConfig) -> dict:
     return {"output": cfg.output, "bench_json": os.path.join(cfg.output, "bench.json"), "seconds": report["seconds"],
             **{f"{name}_{j['runtime']}_{j['n']}_images_per_s": j["images_per_s"]
                for name, e in report["models"].items() for j in e.get("jobs", [])}}
+
+
+def _sig(x: float) -> float:
+    """Four significant digits: ratios span 0.0003 (a tiny quick run) to 100."""
+    return float(f"{x:.4g}")
 
 
 def _check_sane(report: dict) -> None:

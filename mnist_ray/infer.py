@@ -449,7 +449,8 @@ def _smoke_test(model_local: str, cfg: InferConfig, sample: pa.Table | None) -> 
         raise
     except Exception as e:  # noqa: BLE001
         raise MnistRayError(f"the model in {cfg.model} fails on real input: {type(e).__name__}: {e}") from e
-    if probs.shape != (rows.num_rows, NUM_CLASSES) or not np.allclose(probs.sum(1), 1, atol=1e-2):
+    # A full-integer model's softmax comes out in steps of 1/256: its sums are off by up to ~0.02.
+    if probs.shape != (rows.num_rows, NUM_CLASSES) or not np.allclose(probs.sum(1), 1, atol=0.05):
         raise MnistRayError(f"the model in {cfg.model} returns {probs.shape}, not class probabilities")
 
 
