@@ -44,7 +44,8 @@ class TrainConfig:
         "help": "global batch size, split over the workers (default: the model's own)"})
     learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: the model's own)"})
     augment: bool | None = field(default=None, metadata={"help": "random affine augmentation (default: the model's own)"})
-    width: float = field(default=1.0, metadata={"help": "multiplier of every layer's units/filters (1.0: the registered model)"})
+    width: float = field(default=1.0, metadata={
+        "help": "multiplier of every layer's units/filters (1.0: the registered model)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, shuffling and augmentation"})
     workers: int = field(default=2, metadata={"help": "data-parallel Ray Train workers"})
     cpus_per_worker: float | None = field(default=None, metadata={

@@ -117,7 +117,8 @@ class TuneConfig:
 
     def experiment_name(self, data_fingerprint: str, space: dict) -> str:
         """The same data and search settings name the same experiment: rerunning resumes it.
-        The time budget is left out, so a rerun may extend it."""
+        The time budget is left out: a rerun with another budget still resumes the search, which
+        keeps what was left of its own budget (Tune saves it with the experiment)."""
         keys = ("trials", "epochs", "grace_period", "reduction_factor", "workers", "seed")
         h = hashlib.sha256(json.dumps([data_fingerprint, space] + [getattr(self, k) for k in keys],
                                       sort_keys=True).encode())
@@ -381,8 +382,10 @@ def run(cfg: TuneConfig) -> dict:
                 # and Optuna proposes each trial knowing every earlier result.
                 max_concurrent_trials=1,
                 search_alg=OptunaSearch(sampler=sampler),
-                # max_t one past the last epoch: at max_t ASHA stops every trial, ending its actor
-                # before the Ray Train run inside returns cleanly (see ReleaseTrainWorkers).
+                # max_t one past the last epoch: ASHA stops any trial that reaches max_t, which
+                # would end a trial's actor at its final report, before its Ray Train run returns
+                # and releases its workers (see ReleaseTrainWorkers); so trials that run to the
+                # end return normally.
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs + 1, grace_period=cfg.grace_period,
                                         reduction_factor=cfg.reduction_factor),
                 trial_dirname_creator=trial_dirname),
@@ -403,7 +406,8 @@ def run(cfg: TuneConfig) -> dict:
                             + ": check the data and settings, then rerun with --overwrite")
     best = rows[0]
     summary = _publish(cfg, out_loc, rows, histories, space, name, loc, datasets, manifest, search_seconds)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped early", "error")}
+    counts = {key: sum(r["status"] == s for r in rows)
+              for key, s in (("completed", "completed"), ("stopped_early", "stopped early"), ("errors", "error"))}
     return {"output": cfg.output, "experiment": loc.uri_of(name), "trials": len(rows), **counts,
             "search_seconds": round(search_seconds, 1),
             "best": {k: best[k] for k in ("trial_id", *SPACE_KEYS, "best_val_accuracy", "best_epoch")},

@@ -45,7 +45,8 @@ def test_experiment_name_follows_the_search_not_the_budget():
     space = parse_space(TuneConfig())
     a = TuneConfig(time_budget=60).experiment_name("sha256:a", space)
     assert a == TuneConfig(time_budget=600).experiment_name("sha256:a", space)
-    assert a != TuneConfig(trials=3).experiment_name("sha256:a", space) != TuneConfig().experiment_name("sha256:b", space)
+    assert a != TuneConfig(trials=3).experiment_name("sha256:a", space)
+    assert a != TuneConfig().experiment_name("sha256:b", space)
 
 
 def test_bad_input_fails_in_one_line_before_any_work(small_shards, tmp_path):
@@ -79,7 +80,7 @@ def test_a_tiny_search_ranks_its_trials_and_exports_the_best(small_shards, tmp_p
     out = tmp_path / "search"
     summary = run(TuneConfig(data=small_shards, output=str(out), trials=2, epochs=2, space=TINY_SPACE,
                              time_budget=600, tflite=False))
-    assert summary["trials"] == 2 and summary["error"] == 0
+    assert summary["trials"] == 2 and summary["errors"] == 0
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 2 and len({r["trial_id"] for r in rows}) == 2
     assert [r["rank"] for r in rows] == [1, 2]
