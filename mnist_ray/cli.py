@@ -22,6 +22,8 @@ COMMANDS = {
                 "turn a dataset into Parquet image shards (local or s3://)"),
     "train": ("mnist_ray.train", "TrainConfig",
               "train a model with Ray Train (data parallel) and export a versioned model dir"),
+    "tune": ("mnist_ray.tune", "TuneConfig",
+             "search hyperparameters of training (Ray Tune: Optuna + ASHA); results and the best model"),
     "infer": ("mnist_ray.infer", "InferConfig",
               "score shards or image files with a pool of Ray actors; predictions to Parquet"),
     "evaluate": ("mnist_ray.evaluate", "EvaluateConfig",

@@ -54,12 +54,23 @@ def get_spec(name: str) -> ModelSpec:
     return _REGISTRY[name]
 
 
-def create_model(name: str, seed: int | None = None):
-    """A fresh, uncompiled Keras model; ``seed`` makes the initial weights reproducible."""
+def create_model(name: str, seed: int | None = None, width: float = 1.0):
+    """A fresh, uncompiled Keras model; ``seed`` makes the initial weights reproducible.
+
+    ``width`` multiplies every layer's units/filters (1.0: the registered model exactly), so a
+    search can trade accuracy for size without a new registry entry.
+    """
     spec = get_spec(name)
+    if not width > 0:
+        raise MnistRayError(f"width {width!r} must be positive (1.0 is the model as registered)")
     if seed is not None:
         keras().utils.set_random_seed(seed)
-    return spec.build()
+    return spec.build(width=width) if width != 1.0 else spec.build()
+
+
+def scaled(units: int, width: float) -> int:
+    """``units`` times the width multiplier, at least 1."""
+    return max(1, round(units * width))
 
 
 def list_models() -> list[dict]:
@@ -74,12 +85,12 @@ def list_models() -> list[dict]:
 
 @register("mlp", "seed 000: Flatten, Dense 128 + Dropout 0.2, softmax",
           epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
-def mlp():
+def mlp(width: float = 1.0):
     k = keras()
     return k.Sequential([
         k.Input(INPUT_SHAPE),
         k.layers.Flatten(),
-        k.layers.Dense(128, activation="relu"),
+        k.layers.Dense(scaled(128, width), activation="relu"),
         k.layers.Dropout(0.2),
         k.layers.Dense(NUM_CLASSES, activation="softmax"),
     ], name="mlp")
@@ -87,12 +98,12 @@ def mlp():
 
 @register("cnn", "seed 001: Conv 32, Conv 64, MaxPool, Dropout 0.25, softmax",
           epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
-def cnn():
+def cnn(width: float = 1.0):
     k = keras()
     return k.Sequential([
         k.Input(INPUT_SHAPE),
-        k.layers.Conv2D(32, 3, activation="relu"),
-        k.layers.Conv2D(64, 3, activation="relu"),
+        k.layers.Conv2D(scaled(32, width), 3, activation="relu"),
+        k.layers.Conv2D(scaled(64, width), 3, activation="relu"),
         k.layers.MaxPooling2D(2),
         k.layers.Dropout(0.25),
         k.layers.Flatten(),
@@ -102,13 +113,13 @@ def cnn():
 
 @register("tutorial-cnn", "seed 003: Conv 32, Conv 64, Dense 128, softmax (functional API)",
           epochs=3, batch_size=32, learning_rate=1e-3, augment=False)
-def tutorial_cnn():
+def tutorial_cnn(width: float = 1.0):
     k = keras()
     x0 = k.Input(INPUT_SHAPE)
-    x = k.layers.Conv2D(32, 3, activation="relu")(x0)
-    x = k.layers.Conv2D(64, 3, activation="relu")(x)
+    x = k.layers.Conv2D(scaled(32, width), 3, activation="relu")(x0)
+    x = k.layers.Conv2D(scaled(64, width), 3, activation="relu")(x)
     x = k.layers.Flatten()(x)
-    x = k.layers.Dense(128, activation="relu")(x)
+    x = k.layers.Dense(scaled(128, width), activation="relu")(x)
     return k.Model(x0, k.layers.Dense(NUM_CLASSES, activation="softmax")(x), name="tutorial_cnn")
 
 
@@ -116,9 +127,10 @@ def tutorial_cnn():
           "label smoothing, AdamW, warmup + cosine, weight EMA",
           epochs=40, batch_size=64, learning_rate=3e-3, augment=True,
           weight_decay=5e-4, warmup_epochs=2, label_smoothing=0.1, ema_momentum=0.998)
-def default(width: int = 32, dropout: float = 0.3):
+def default(width: float = 1.0, dropout: float = 0.3):
     k = keras()
     L = k.layers
+    base = scaled(32, width)
 
     def conv_bn_relu(x, filters):
         x = L.Conv2D(filters, 3, padding="same", use_bias=False)(x)
@@ -127,11 +139,11 @@ def default(width: int = 32, dropout: float = 0.3):
         return L.ReLU()(x)
 
     x0 = k.Input(INPUT_SHAPE, name="image")
-    x = conv_bn_relu(conv_bn_relu(x0, width), width)
+    x = conv_bn_relu(conv_bn_relu(x0, base), base)
     x = L.MaxPooling2D()(x)                                    # 14x14
-    x = conv_bn_relu(conv_bn_relu(x, 2 * width), 2 * width)
+    x = conv_bn_relu(conv_bn_relu(x, 2 * base), 2 * base)
     x = L.MaxPooling2D()(x)                                    # 7x7
-    x = conv_bn_relu(conv_bn_relu(x, 4 * width), 4 * width)
+    x = conv_bn_relu(conv_bn_relu(x, 4 * base), 4 * base)
     x = L.GlobalAveragePooling2D()(x)
     x = L.Dropout(dropout)(x)
     return k.Model(x0, L.Dense(NUM_CLASSES, activation="softmax", name="probs")(x), name="default")

@@ -44,6 +44,8 @@ class TrainConfig:
         "help": "global batch size, split over the workers (default: the model's own)"})
     learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: the model's own)"})
     augment: bool | None = field(default=None, metadata={"help": "random affine augmentation (default: the model's own)"})
+    width: float = field(default=1.0, metadata={
+        "help": "multiplier of every layer's units/filters (1.0: the registered model)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, shuffling and augmentation"})
     workers: int = field(default=2, metadata={"help": "data-parallel Ray Train workers"})
     cpus_per_worker: float | None = field(default=None, metadata={
@@ -79,8 +81,8 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise MnistRayError("--epochs, --batch-size and --learning-rate must be positive")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.width <= 0:
+            raise MnistRayError("--epochs, --batch-size, --learning-rate and --width must be positive")
         if self.workers < 1:
             raise MnistRayError("--workers must be at least 1")
         if self.batch_size < self.workers:
@@ -90,7 +92,10 @@ class TrainConfig:
         """Explicit and deterministic: the same data and settings name the same run (for --resume)."""
         keys = ("model", "epochs", "batch_size", "learning_rate", "augment", "seed", "workers",
                 "train_splits", "val_split")
-        h = hashlib.sha256(json.dumps([data_fingerprint] + [getattr(self, k) for k in keys]).encode())
+        values = [data_fingerprint] + [getattr(self, k) for k in keys]
+        if self.width != 1.0:  # only then: runs named before the width knob keep their names
+            values.append(self.width)
+        h = hashlib.sha256(json.dumps(values).encode())
         return f"{self.model}-{h.hexdigest()[:12]}"
 
 
@@ -279,7 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
                     with np.load(os.path.join(d, "ema.npz")) as z:
                         ema_state = dict(z)
         else:
-            model = models.create_model(config["model"], seed=config["seed"])
+            model = models.create_model(config["model"], seed=config["seed"], width=config.get("width", 1.0))
             model.compile(optimizer=build_optimizer(config),
                           loss=k.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
                           metrics=["accuracy"])
@@ -360,6 +365,67 @@ def _prepare_run_storage(cfg: TrainConfig, name: str) -> storage.Location:
     return loc
 
 
+def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
+    """The materialized (train, val) datasets: decoded once, for every epoch (and every trial of
+    a search)."""
+    # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
+    # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
+    # share holds half the classes computes skewed BatchNorm statistics.
+    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout).random_shuffle(
+        seed=cfg.seed).materialize()
+    val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
+    if val_ds.count() == 0:
+        raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")
+    return train_ds, val_ds
+
+
+def loop_config(cfg: TrainConfig, train_rows: int, cpus: float) -> dict:
+    """What ``train_loop_per_worker`` is given: the resolved settings and the model's recipe."""
+    spec = models.get_spec(cfg.model)
+    return {
+        "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate, "augment": cfg.augment, "width": cfg.width, "seed": cfg.seed,
+        "steps_per_epoch": train_rows // cfg.batch_size, "train_rows": train_rows, "cpus_per_worker": cpus,
+        **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
+    }
+
+
+def make_trainer(cfg: TrainConfig, config: dict, datasets: dict, *, name: str, run_loc: storage.Location,
+                 callbacks: list | None = None, checkpoint_config=None):
+    """The TensorflowTrainer of one run (also built inside every trial of `mnist-ray tune`)."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": config["cpus_per_worker"]}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=run_loc.path, storage_filesystem=run_loc.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
+        datasets=datasets,
+    )
+
+
+def export_checkpoint(checkpoint, cfg: TrainConfig, *, output: str, manifest: dict, datasets: dict,
+                      run_name: str, train_seconds: float, overwrite: bool) -> tuple[dict, list[dict]]:
+    """Export a training checkpoint as a model dir at ``output``: (export summary, history)."""
+    from mnist_ray import export
+
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
+        summary = export.export(
+            os.path.join(d, "model.keras"), output, history=history, manifest=manifest,
+            val_dataset=datasets["val"], calibration_dataset=datasets["train"],
+            train_config=dataclasses.asdict(cfg), run_name=run_name, train_seconds=train_seconds,
+            tflite=cfg.tflite, overwrite=overwrite)
+    return summary, history
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` with Ray Train and export it to ``cfg.output``."""
     cluster.configure_process_env()
@@ -378,47 +444,19 @@ def run(cfg: TrainConfig) -> dict:
     cpus = _cpus_per_worker(cfg)
 
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
 
     started = time.perf_counter()
-    # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
-    # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
-    # share holds half the classes computes skewed BatchNorm statistics.
-    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout).random_shuffle(
-        seed=cfg.seed).materialize()
-    val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
-    if val_ds.count() == 0:
-        raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")
-    steps = train_rows // cfg.batch_size
-    spec = models.get_spec(cfg.model)
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "learning_rate": cfg.learning_rate, "augment": cfg.augment, "seed": cfg.seed,
-            "steps_per_epoch": steps, "train_rows": train_rows, "cpus_per_worker": cpus,
-            **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=run_loc.path, storage_filesystem=run_loc.fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_ds, "val": val_ds},
-    )
+    train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+    datasets = {"train": train_ds, "val": val_ds}
+    trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
                             f"rerun with --resume to continue from the last epoch (run {name})") from e
     train_seconds = time.perf_counter() - started
-    with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, "state.json")) as f:
-            history = json.load(f)["history"]
-        summary = export.export(
-            os.path.join(d, "model.keras"), cfg.output, history=history, manifest=manifest,
-            val_dataset=val_ds, calibration_dataset=train_ds, train_config=dataclasses.asdict(cfg),
-            run_name=name, train_seconds=train_seconds, tflite=cfg.tflite, overwrite=cfg.overwrite)
+    summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
+                                         datasets=datasets, run_name=name, train_seconds=train_seconds,
+                                         overwrite=cfg.overwrite)
     return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
             "train_seconds": round(train_seconds, 1), **summary}

@@ -38,3 +38,13 @@ def test_the_registry_lists_every_model_with_its_size():
 def test_unknown_model_names_the_known_ones():
     with pytest.raises(MnistRayError, match="known models are cnn, default, mlp, tutorial-cnn"):
         models.get_spec("resnet")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "default"])
+def test_width_scales_the_model_and_one_is_the_registered_model(name):
+    base = models.create_model(name, seed=0)
+    assert models.create_model(name, seed=0, width=1.0).count_params() == base.count_params()
+    assert models.create_model(name, seed=0, width=0.5).count_params() < base.count_params()
+    assert models.create_model(name, seed=0, width=1.5).count_params() > base.count_params()
+    with pytest.raises(MnistRayError, match="width"):
+        models.create_model(name, width=0)
