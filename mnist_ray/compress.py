@@ -44,6 +44,7 @@ PRODUCER = "mnist-ray compress --model MODEL_DIR --output DIR"
 PTQ_VARIANTS = {"tflite-fp16": "ptq-float16", "tflite-dynamic": "ptq-dynamic", "tflite-int8": "ptq-int8"}
 METHODS = ("ptq", "qat", "prune", "distill")
 BENCH_BATCH = 256  # the batch size of every images/s figure (as export.measure and the README)
+MIN_TIMED_IMAGES = 10_240
 
 
 @dataclass(frozen=True)
@@ -368,7 +369,13 @@ def score(model_dir: str, runtime: str, data: dict[str, Split], reference: np.nd
     parts = [s for s in ("val", "test") if s in data]
     images = np.concatenate([data[s].images for s in parts])
     labels = np.concatenate([data[s].labels for s in parts])
-    measured, probs = export.measure(runtimes.load(model_dir, runtime), images, labels, BENCH_BATCH)
+    model = runtimes.load(model_dir, runtime)
+    measured, probs = export.measure(model, images, labels, BENCH_BATCH)
+    if len(images) < MIN_TIMED_IMAGES:
+        # A few hundred images time a fast runtime in milliseconds, mostly noise: time enough
+        # repeats of them (accuracy and agreement still come from the real rows above).
+        measured, _ = export.measure(model, np.resize(images, (MIN_TIMED_IMAGES, *images.shape[1:])),
+                                     np.resize(labels, MIN_TIMED_IMAGES), BENCH_BATCH)
     top1 = probs.argmax(1)
     row = {"runtime": runtime, "file": runtimes.RUNTIME_FILES[runtime], "bytes": os.path.getsize(path),
            "gzip_bytes": gzip_size(path), "images_per_s": measured["images_per_s"]}
