@@ -18,19 +18,22 @@ EXPECTED_ROWS = {("original", "tf"), ("original", "tflite-fp32"), ("ptq-float16"
                  ("ptq-dynamic", "tflite-dynamic"), ("ptq-int8", "tflite-int8"), ("qat-int8", "tflite-int8"),
                  ("pruned", "tf"), ("pruned", "tflite-fp32"), ("pruned", "tflite-int8"),
                  ("distilled", "tf"), ("distilled", "tflite-fp32"), ("distilled", "tflite-int8")}
-# Minimum top-1 agreement with the original model on the 500 val images, per variant.
+# Minimum top-1 agreement with the original model on the 500 val images, per variant. The
+# session's cnn is weak (about 87% val accuracy after 3 epochs on 1,000 images), so many
+# images sit near a decision boundary and any change of the weights flips some of them; a
+# broken variant (wrong scale, wrong input quantization, lost weights) agrees 10-30%.
 AGREEMENT = {
     # Same weights, only rounded: float16 changes almost nothing, int8 weights (and activations)
-    # flip a handful of borderline images (the export table sees 99-100% on every model here).
+    # flip a handful of borderline images (99.75-100% measured).
     "ptq-float16": 0.99, "ptq-dynamic": 0.98, "ptq-int8": 0.97,
-    # One epoch of fine-tuning at a small learning rate moves the weights a little beyond the
-    # quantization: a few more flips than post-training int8.
-    "qat-int8": 0.95,
-    # 80% of the kernels set to zero and one epoch to recover on 1,000 images.
-    "pruned": 0.90,
-    # A different, smaller model trained from scratch for one epoch on 1,000 images: far from
-    # a copy of the teacher, but well above what it would reach without learning (~10%).
-    "distilled": 0.60,
+    # One epoch of fine-tuning moves the weights beyond the rounding (about 96% measured, with
+    # val accuracy up, not down).
+    "qat-int8": 0.90,
+    # 80% of the kernels set to zero and one epoch to recover (about 96% measured).
+    "pruned": 0.85,
+    # A different, smaller model trained from scratch for 5 epochs on 1,000 images: far from a
+    # copy of the teacher, but far above chance.
+    "distilled": 0.70,
 }
 
 
@@ -40,7 +43,8 @@ def compressed(trained_model, small_shards, tmp_path_factory):
     model_dir, _ = trained_model
     out = str(tmp_path_factory.mktemp("compress") / "out")
     cfg = CompressConfig(**{**CompressConfig.PRESETS["smoke"], "model": model_dir, "output": out,
-                            "test_data": small_shards, "sparsity": SPARSITY})
+                            "test_data": small_shards, "sparsity": SPARSITY,
+                            "student_epochs": 5})  # one epoch is 16 steps: too few to learn
     return cfg, run(cfg)
 
 
