@@ -87,7 +87,10 @@ class CompressConfig:
         self.method_list()
         if not 0.0 < self.sparsity < 1.0:
             raise MnistRayError(f"--sparsity {self.sparsity}: give a fraction strictly between 0 and 1, e.g. 0.8")
-        models.get_spec(self.student)  # an unknown student fails here, before any work
+        try:
+            models.get_spec(self.student)  # an unknown student fails here, before any work
+        except MnistRayError as e:
+            raise MnistRayError(f"--student: {e}") from None
         if self.epochs < 1 or self.student_epochs < 1 or self.batch_size < 1:
             raise MnistRayError("--epochs, --student-epochs and --batch-size must be at least 1")
         if self.learning_rate <= 0 or self.student_learning_rate <= 0 or self.temperature <= 0:

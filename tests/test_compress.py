@@ -32,7 +32,7 @@ AGREEMENT = {
     # 80% of the kernels set to zero and one epoch to recover (about 96% measured).
     "pruned": 0.85,
     # A different, smaller model trained from scratch for 5 epochs on 1,000 images: far from a
-    # copy of the teacher, but far above chance.
+    # copy of the teacher, but far above chance (about 93% measured).
     "distilled": 0.70,
 }
 
