@@ -57,8 +57,8 @@ class CompressConfig:
     test_data: str | None = field(default=None, metadata={
         "help": "extra labelled shards scored as test data (default: the 'test' split of --data, if any)"})
     methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of " + ", ".join(METHODS)})
-    epochs: int = field(default=2, metadata={"help": "fine-tune epochs of quantization-aware training and pruning"})
-    learning_rate: float = field(default=1e-4, metadata={
+    epochs: int = field(default=4, metadata={"help": "fine-tune epochs of quantization-aware training and pruning"})
+    learning_rate: float = field(default=3e-4, metadata={
         "help": "fine-tune learning rate (small: the weights are already trained)"})
     batch_size: int = field(default=64, metadata={"help": "fine-tune and distillation batch size"})
     sparsity: float = field(default=0.8, metadata={"help": "pruning: fraction of kernel weights set to zero"})

@@ -109,6 +109,15 @@ def test_the_pruned_model_has_the_target_sparsity_and_gzips_smaller(compressed):
 
 
 @pytest.mark.e2e
+def test_int8_variants_pass_the_probability_check_of_infer(compressed, val_images):
+    """Their probabilities come in steps of 1/256: sums of 1 +- 0.02 (infer's check once said 0.01)."""
+    cfg, _ = compressed
+    for variant in ("ptq-int8", "qat-int8"):
+        probs = runtimes.predict_batched(runtimes.load(os.path.join(cfg.output, variant), "tflite-int8"), val_images)
+        assert np.abs(probs.sum(1) - 1).max() <= 0.03, variant  # infer._smoke_test's tolerance
+
+
+@pytest.mark.e2e
 def test_infer_scores_with_a_compressed_variant(compressed, small_shards, ray_local, tmp_path):
     from mnist_ray.infer import InferConfig
     from mnist_ray.infer import run as infer
