@@ -56,7 +56,8 @@ class CompressConfig:
         "help": "shards to fine-tune and validate on (default: the shards the model's metadata names)"})
     test_data: str | None = field(default=None, metadata={
         "help": "extra labelled shards scored as test data (default: the 'test' split of --data, if any)"})
-    methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of " + ", ".join(METHODS)})
+    methods: str = field(default=",".join(METHODS), metadata={
+        "help": "comma-separated subset of " + ", ".join(METHODS)})
     epochs: int = field(default=4, metadata={"help": "fine-tune epochs of quantization-aware training and pruning"})
     learning_rate: float = field(default=3e-4, metadata={
         "help": "fine-tune learning rate (small: the weights are already trained)"})
@@ -174,7 +175,8 @@ def _one_hot(labels: np.ndarray) -> np.ndarray:
 def _history(fit, start_epoch: int = 0) -> list[dict]:
     """Keras fit history -> the per-epoch records export.export plots and stores."""
     h = fit.history
-    return [{"epoch": start_epoch + i + 1, **{k: float(h[k][i]) for k in ("loss", "accuracy", "val_loss", "val_accuracy")}}
+    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
+    return [{"epoch": start_epoch + i + 1, **{k: float(h[k][i]) for k in keys}}
             for i in range(len(h["loss"]))]
 
 
@@ -366,7 +368,8 @@ def gzip_size(path: str) -> int:
         return len(gzip.compress(f.read(), compresslevel=9))
 
 
-def score(model_dir: str, runtime: str, data: dict[str, Split], reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
+def score(model_dir: str, runtime: str, data: dict[str, Split],
+          reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """One row: sizes, val/test accuracy, images/s at batch 256 and top-1 agreement with ``reference``."""
     path = runtimes.check(model_dir, runtime)
     parts = [s for s in ("val", "test") if s in data]
@@ -397,8 +400,9 @@ def format_markdown(rows: list[dict]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         test = f"{r['test_accuracy'] * 100:.2f}%" if r["test_accuracy"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['runtime']} | {r['bytes'] / 1024:,.0f} kB | {r['gzip_bytes'] / 1024:,.0f} kB "
-                     f"| {r['val_accuracy'] * 100:.2f}% | {test} | {r['images_per_s']:,.0f} | {r['agreement'] * 100:.2f}% |")
+        lines.append(f"| {r['variant']} | {r['runtime']} | {r['bytes'] / 1024:,.0f} kB "
+                     f"| {r['gzip_bytes'] / 1024:,.0f} kB | {r['val_accuracy'] * 100:.2f}% | {test} "
+                     f"| {r['images_per_s']:,.0f} | {r['agreement'] * 100:.2f}% |")
     return "\n".join(lines)
 
 
@@ -464,7 +468,8 @@ def run(cfg: CompressConfig) -> dict:
                 keras_path = os.path.join(work, "student.keras")
                 facts = distill(cfg, runtimes.load(model_local, "tf"), data, keras_path)
                 compression = {"variant": "distilled", "method": "knowledge distillation", "from": source,
-                               "student": cfg.student, "params": facts["params"], "teacher_params": teacher_meta.get("params"),
+                               "student": cfg.student, "params": facts["params"],
+                               "teacher_params": teacher_meta.get("params"),
                                "temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.student_epochs,
                                "learning_rate": cfg.student_learning_rate}
                 export_keras_variant(keras_path, os.path.join(staging, "distilled"), model_name=cfg.student,
@@ -492,7 +497,8 @@ def run(cfg: CompressConfig) -> dict:
             r["size_vs_original"] = round(r["bytes"] / rows[0]["bytes"], 4)
         table = format_markdown(rows)
         summary = {
-            "model": source, "data": data_uri, "test_data": cfg.test_data or ("split 'test'" if "test" in data else None),
+            "model": source, "data": data_uri,
+            "test_data": cfg.test_data or ("split 'test'" if "test" in data else None),
             "rows": {s: int(len(v.labels)) for s, v in data.items()}, "batch_size": BENCH_BATCH,
             "config": dataclasses.asdict(cfg), "skipped": skipped, "variants": rows,
             "seconds": round(time.perf_counter() - started, 1),
@@ -507,7 +513,7 @@ def run(cfg: CompressConfig) -> dict:
         storage.publish_directory(staging, loc, run_id=teacher_meta["version"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    keys = ("bytes", "gzip_bytes", "val_accuracy", "test_accuracy", "images_per_s", "agreement")
     return {"output": cfg.output, "model_version": teacher_meta["version"], "seconds": summary["seconds"],
-            "variants": {f"{r['variant']}/{r['runtime']}": {k: r[k] for k in ("bytes", "gzip_bytes", "val_accuracy",
-                                                                              "test_accuracy", "images_per_s", "agreement")}
-                         for r in rows}, "skipped": skipped}
+            "variants": {f"{r['variant']}/{r['runtime']}": {k: r[k] for k in keys} for r in rows},
+            "skipped": skipped}
