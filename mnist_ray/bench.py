@@ -67,7 +67,8 @@ class BenchConfig:
     runtime_size: int = field(default=300_000, metadata={"help": "N at which every runtime runs"})
     runtimes: str = field(default=",".join(runtimes.RUNTIME_FILES), metadata={"help": "runtimes to compare"})
     default_runtime: str = field(default="tf", metadata={"help": "the runtime measured at every N"})
-    batch_size: int = field(default=1024, metadata={"help": "images per model call in (b) and (c)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "images per model call in (b) and (c) (default: infer's own per runtime)"})
     micro_images: int = field(default=5000, metadata={"help": "images for (a), (b) and the forward rates"})
     train_model: str = field(default="cnn", metadata={"help": "model of the training-throughput part"})
     train_epochs: int = field(default=3, metadata={"help": "epochs per training run (the first is warm-up)"})
@@ -104,7 +105,7 @@ class BenchConfig:
                                 f"{', '.join(runtimes.RUNTIME_FILES)}")
         if not set(self.part_list()) <= set(PARTS) or not self.part_list():
             raise MnistRayError(f"--parts {self.parts!r}: choose from {', '.join(PARTS)}")
-        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size]) < 1 \
+        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1]) < 1 \
                 or self.train_epochs < 2:
             raise MnistRayError("sizes, --micro-images and --batch-size must be positive, --train-epochs >= 2 "
                                 "(the first epoch is warm-up)")
@@ -273,27 +274,35 @@ def forward_rate(model_dir: str, runtime: str, pixels: np.ndarray, batch_size: i
     return _rate(lambda: runtimes.predict_batched(model, x, batch_size), len(x))
 
 
+def _batch(cfg: BenchConfig, runtime: str) -> int:
+    """The batch size of ``runtime``: the flag, else what ``mnist-ray infer`` uses by default."""
+    from mnist_ray.infer import InferConfig
+
+    return cfg.batch_size or InferConfig(runtime=runtime).batch()
+
+
 def micro(cfg: BenchConfig, model_dir: str, seed: pa.Table) -> dict:
     take = seed.slice(0, cfg.micro_images)
     pixels = shards.pixels_numpy(take["pixels"])
     labels = take["label"].to_numpy()
     forward = {}
     for runtime in cfg.runtimes.split(","):
-        forward[runtime] = round(forward_rate(model_dir, runtime, pixels, cfg.batch_size))
+        forward[runtime] = round(forward_rate(model_dir, runtime, pixels, _batch(cfg, runtime)))
     naive = naive_rate(os.path.join(model_dir, runtimes.RUNTIME_FILES["tf"]), take["image"].to_pylist())
     accuracy = {r: round(float((runtimes.predict_batched(runtimes.load(model_dir, r), preprocess.normalize(pixels))
                                 .argmax(1) == labels).mean()), 4) for r in cfg.runtimes.split(",")}
     return {"images": take.num_rows, "naive_images_per_s": round(naive), "ceiling_images_per_s": forward["tf"]
-            if "tf" in forward else round(forward_rate(model_dir, "tf", pixels, cfg.batch_size)),
-            "forward_images_per_s": forward, "accuracy": accuracy}
+            if "tf" in forward else round(forward_rate(model_dir, "tf", pixels, _batch(cfg, "tf"))),
+            "forward_images_per_s": forward, "accuracy": accuracy,
+            "batch_sizes": {r: _batch(cfg, r) for r in {*cfg.runtimes.split(","), "tf"}}}
 
 
 # --- (c) --------------------------------------------------------------------------------------
 
 def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str, out: str) -> dict:
+    batch = ["--batch-size", str(cfg.batch_size)] if cfg.batch_size else []
     summary, wall, memory = _command("infer", "--model", model_dir, "--input", data, "--output", out,
-                                     "--runtime", runtime, "--batch-size", str(cfg.batch_size),
-                                     "--overwrite", sample_memory=True)
+                                     "--runtime", runtime, *batch, "--overwrite", sample_memory=True)
     table = _predictions(out)
     if summary["rows"] != n or table.num_rows != n or summary["errors"]:
         raise MnistRayError(f"bench: infer on {n} rows published {summary['rows']} rows, "
@@ -381,12 +390,12 @@ def format_report(report: dict) -> str:
         if mi:
             lines.append(f"(a) naive loop (seed 000: Pillow one by one, predict batch 32): "
                          f"**{mi['naive_images_per_s']:,} images/s**; (b) compiled forward pass (batch "
-                         f"{report['config']['batch_size']}, decoded tensors): **{mi['ceiling_images_per_s']:,} images/s**")
+                         f"{mi['batch_sizes']['tf']}, decoded tensors): **{mi['ceiling_images_per_s']:,} images/s**")
             lines.append("")
-            lines.append("| runtime | forward pass images/s | top-1 on the test set |")
-            lines.append("|---|---:|---:|")
+            lines.append("| runtime | batch | forward pass images/s | top-1 on the test set |")
+            lines.append("|---|---:|---:|---:|")
             for rt, rate in mi["forward_images_per_s"].items():
-                lines.append(f"| {rt} | {rate:,} | {100 * mi['accuracy'][rt]:.2f} % |")
+                lines.append(f"| {rt} | {mi['batch_sizes'][rt]} | {rate:,} | {100 * mi['accuracy'][rt]:.2f} % |")
             lines.append("")
         if r.get("jobs"):
             lines.append("(c) the whole `mnist-ray infer` command, Ray start-up included:")

@@ -59,7 +59,9 @@ class InferConfig:
         "help": "image shards, or a folder of image files (local or s3://)"})
     output: str = field(default="out/mnist-sample/predictions", metadata={"help": "where predictions go"})
     runtime: str = field(default="tf", metadata={"help": " | ".join(runtimes.RUNTIME_FILES)})
-    batch_size: int = field(default=512, metadata={"help": "images per model call"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "images per model call (default: 4096 for tf; 1024 for TFLite, whose int8 "
+                "activations then stay in cache: measured by mnist-ray bench)"})
     actors: str = field(default="1", metadata={
         "help": "predictor actors: N, or MIN..MAX for an autoscaling pool"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs reserved per actor"})
@@ -84,11 +86,14 @@ class InferConfig:
             raise MnistRayError(f"--actors {self.actors!r}: need 1 <= MIN <= MAX")
         return lo, hi
 
+    def batch(self) -> int:
+        return self.batch_size or (4096 if self.runtime == "tf" else 1024)
+
     def validate(self) -> None:
         self.pool()
         if self.runtime not in runtimes.RUNTIME_FILES:
             raise MnistRayError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtimes.RUNTIME_FILES)}")
-        if self.batch_size < 1 or self.rows_per_file < 1:
+        if self.batch() < 1 or self.rows_per_file < 1:
             raise MnistRayError("--batch-size and --rows-per-file must be positive")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise MnistRayError("--max-error-rate must be between 0 and 1")
@@ -275,7 +280,11 @@ def _open_input(uri: str):
             context = ray.data.DataContext.get_current()
             v2, context.use_datasource_v2 = context.use_datasource_v2, False
             try:
-                return shards.read_dataset(uri, columns=columns, ray_remote_args={"num_cpus": IO_CPUS})
+                # Blocks of whole row groups: Ray's default split of a few files into >= 200
+                # blocks left a resumed run's checkpoint filter emitting blocks of a few dozen
+                # rows, one model call each (459 images/s instead of thousands).
+                return shards.read_dataset(uri, columns=columns, ray_remote_args={"num_cpus": IO_CPUS},
+                                           blocks_per_file=BLOCKS_PER_FILE)
             finally:
                 context.use_datasource_v2 = v2
 
@@ -321,9 +330,11 @@ def read_predictions(uri: str, columns: list[str] | None = None) -> pa.Table:
         if tables else SCHEMA.empty_table().select(columns or SCHEMA.names)
 
 
-# Read and write tasks mostly wait on storage: they reserve half a CPU, so they still fit
-# beside actors that reserve whole ones (ray-project/ray#44687: starved reads hang the job).
-IO_CPUS = 0.5
+# Read and write tasks mostly wait on storage: they reserve a quarter of a CPU, so both still
+# fit beside actors that reserve whole ones (ray-project/ray#44687: starved reads hang the
+# job), and beside the checkpoint filter actor of a resumed run.
+IO_CPUS = 0.25
+BLOCKS_PER_FILE = 4
 # Ray Data's checkpoint filter (ray.data.checkpoint, on a resumed run) is an actor that
 # reserves one CPU, and Ray offers no setting for it.
 CHECKPOINT_FILTER_CPUS = 1.0
@@ -349,18 +360,21 @@ def _pool_resources(cfg: InferConfig, resuming: bool = False) -> tuple[int, int,
         gpus = 0.0
     # A GPU actor still feeds its GPU from the CPU, but half a core does that.
     cpus_per_actor = cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, 0.5)
-    others = CHECKPOINT_FILTER_CPUS if resuming else 0.0
-    if hi * cpus_per_actor + others + IO_CPUS > cpus and resuming:
+    # The reads, the writes, and on a resumed run Ray's checkpoint filter actor must all fit
+    # beside the pool: a resumed run whose write tasks could not get a CPU crawled at a few
+    # hundred images/s (each write waited for a read to finish).
+    others = 2 * IO_CPUS + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
+    if hi * cpus_per_actor + others > cpus and resuming:
         # Small nodes only: make room for the filter actor rather than hang.
-        fitted = (cpus - others - IO_CPUS) / hi
+        fitted = (cpus - others) / hi
         if fitted >= 0.25:
             log.info("resuming: Ray's checkpoint filter actor takes %g CPU, so each predictor actor "
-                     "reserves %.2g CPU instead of %g", others, fitted, cpus_per_actor)
+                     "reserves %.2g CPU instead of %g", CHECKPOINT_FILTER_CPUS, fitted, cpus_per_actor)
             cpus_per_actor = fitted
-    if hi * cpus_per_actor + others + IO_CPUS > cpus:
+    if hi * cpus_per_actor + others > cpus:
         raise MnistRayError(
-            f"{hi} actors x {cpus_per_actor:g} CPU would take {hi * cpus_per_actor + others:g} of {cpus:g} CPUs "
-            "and starve the read and write tasks: lower --actors or --cpus-per-actor")
+            f"{hi} actors x {cpus_per_actor:g} CPU would take {hi * cpus_per_actor + others - 2 * IO_CPUS:g} of "
+            f"{cpus:g} CPUs and starve the read and write tasks: lower --actors or --cpus-per-actor")
     return lo, hi, gpus, cpus_per_actor
 
 
@@ -510,9 +524,9 @@ def run(cfg: InferConfig) -> dict:
     progress = ray.remote(num_cpus=0)(Progress).remote()
     # prepare_rows asks for what the actor asks for, so Ray fuses it into the actor (no copy of
     # the decoded pixels between processes); a GPU actor's decoding stays in CPU tasks instead.
-    predictions = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=cfg.batch_size,
+    predictions = ds.map_batches(prepare_rows, batch_format="pyarrow", batch_size=cfg.batch(),
                                  num_cpus=actor_cpus if gpus == 0 else IO_CPUS).map_batches(
-        PredictorActor, batch_size=cfg.batch_size, batch_format="pyarrow",
+        PredictorActor, batch_size=cfg.batch(), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=actor_cpus, num_gpus=gpus,
         fn_constructor_kwargs={"model_uri": cfg.model, "runtime": cfg.runtime, "progress": progress,

@@ -147,10 +147,17 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(pq.read_table(p, filesystem=loc.fs, columns=columns) for p in paths)
 
 
-def read_dataset(uri: str, columns: list[str] | None = None, ray_remote_args: dict | None = None):
-    """The dataset as a streaming Ray Dataset over exactly the files the manifest lists."""
+def read_dataset(uri: str, columns: list[str] | None = None, ray_remote_args: dict | None = None,
+                 blocks_per_file: int | None = None):
+    """The dataset as a streaming Ray Dataset over exactly the files the manifest lists.
+
+    ``blocks_per_file`` overrides Ray's own choice (it splits a few large files into at least
+    200 blocks: thousands of rows each become a few dozen after a filter, see infer).
+    """
     import ray
 
     loc, manifest = open_shards(uri)
-    return ray.data.read_parquet(shard_paths(loc, manifest), filesystem=loc.fs, columns=columns,
-                                 ray_remote_args=ray_remote_args)
+    paths = shard_paths(loc, manifest)
+    blocks = {"override_num_blocks": max(1, len(paths) * blocks_per_file)} if blocks_per_file else {}
+    return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, ray_remote_args=ray_remote_args,
+                                 **blocks)
