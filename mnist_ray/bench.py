@@ -10,7 +10,8 @@ For each model (mlp, cnn), in one run:
                  shards to published predictions; Ray start-up included, and reported on its own
 
 (a) and (b), and every runtime's own forward-pass rate, are measured on a few thousand of the
-same images. (c) runs for every runtime at one N and for the default runtime at several N, on
+same images. (c) runs for every runtime at one N and for the default and the fastest runtime
+(tf, tflite-int8) at several N, on
 N images made by replicating real shards (the MNIST test set) with ids made unique, with the
 peak memory of the job's driver and of Ray's worker processes sampled while it runs. Training
 throughput: a plain ``model.fit`` against 1 and 2 Ray Train workers, same model, data and batch.
@@ -66,7 +67,8 @@ class BenchConfig:
     sizes: str = field(default="70000,300000,1000000", metadata={"help": "N for the default runtime"})
     runtime_size: int = field(default=300_000, metadata={"help": "N at which every runtime runs"})
     runtimes: str = field(default=",".join(runtimes.RUNTIME_FILES), metadata={"help": "runtimes to compare"})
-    default_runtime: str = field(default="tf", metadata={"help": "the runtime measured at every N"})
+    scaling_runtimes: str = field(default="tf,tflite-int8", metadata={
+        "help": "runtimes measured at every N: the default one, and the fastest"})
     batch_size: int | None = field(default=None, metadata={
         "help": "images per model call in (b) and (c) (default: infer's own per runtime)"})
     micro_images: int = field(default=5000, metadata={"help": "images for (a), (b) and the forward rates"})
@@ -99,9 +101,9 @@ class BenchConfig:
 
         for m in self.model_list() + [self.train_model]:
             models.get_spec(m)
-        unknown = set(self.runtimes.split(",")) - set(runtimes.RUNTIME_FILES)
-        if unknown or self.default_runtime not in runtimes.RUNTIME_FILES:
-            raise MnistRayError(f"unknown runtime {sorted(unknown or {self.default_runtime})}: choose from "
+        unknown = set(self.runtimes.split(",") + self.scaling_runtimes.split(",")) - set(runtimes.RUNTIME_FILES)
+        if unknown:
+            raise MnistRayError(f"unknown runtime {sorted(unknown)}: choose from "
                                 f"{', '.join(runtimes.RUNTIME_FILES)}")
         if not set(self.part_list()) <= set(PARTS) or not self.part_list():
             raise MnistRayError(f"--parts {self.parts!r}: choose from {', '.join(PARTS)}")
@@ -456,7 +458,7 @@ def run(cfg: BenchConfig) -> dict:
         if "micro" in parts:
             entry["micro"] = micro(cfg, model_dir, seed)
         if "infer" in parts:
-            plan = [(n, cfg.default_runtime) for n in cfg.size_list()]
+            plan = [(n, r) for r in cfg.scaling_runtimes.split(",") if r for n in cfg.size_list()]
             plan += [(cfg.runtime_size, r) for r in cfg.runtimes.split(",") if (cfg.runtime_size, r) not in plan]
             entry["jobs"] = []
             for n, runtime in plan:
