@@ -169,21 +169,23 @@ def _complete(uri: str, **expected) -> bool:
 # --- subprocess jobs --------------------------------------------------------------------------
 
 class _MemorySampler(threading.Thread):
-    """Peak RSS of a job's driver and of the Ray worker processes that appear while it runs.
+    """Peak memory of a job's driver and of the Ray worker processes that appear while it runs.
 
-    Workers are found by their command line (``ray::...`` or ``default_worker.py``) among processes that did
-    not exist before the job started, so a Ray already running here (a test session's) is not
-    counted. RSS counts the object store pages a worker has mapped: an upper bound.
+    Workers are found by their command line (``ray::...`` or ``default_worker.py``) among
+    processes that did not exist before the job started, so a Ray already running here (a test
+    session's) is not counted. Two measures: RSS, which also counts the pages of Ray's shared
+    object store a process has touched (bounded by the store's size, not by the job), and USS,
+    the memory only that process holds: USS is what must stay flat as N grows.
     """
 
-    def __init__(self, pid: int, every_s: float = 0.25):
+    def __init__(self, pid: int, every_s: float = 1.0):
         import psutil
 
         super().__init__(daemon=True, name="bench-memory")
         self.psutil, self.every_s, self.stopped = psutil, every_s, threading.Event()
         self.driver = psutil.Process(pid)
         self.before = set(psutil.pids())
-        self.driver_peak = self.worker_peak = self.workers_total_peak = 0
+        self.peaks = {"driver_rss": 0, "driver_uss": 0, "worker_rss": 0, "worker_uss": 0, "workers_total_uss": 0}
         self.worker_pids: set[int] = set()
 
     def _workers(self):
@@ -195,27 +197,32 @@ class _MemorySampler(threading.Thread):
             if cmdline[0].startswith("ray::") or any("default_worker.py" in part for part in cmdline):
                 yield proc
 
+    def _peak(self, key: str, value: int) -> None:
+        self.peaks[key] = max(self.peaks[key], value)
+
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
             try:
-                self.driver_peak = max(self.driver_peak, self.driver.memory_info().rss)
+                mem = self.driver.memory_full_info()
+                self._peak("driver_rss", mem.rss)
+                self._peak("driver_uss", mem.uss)
             except self.psutil.Error:
                 pass
             total = 0
             for proc in self._workers():
                 try:
-                    rss = proc.memory_info().rss
+                    mem = proc.memory_full_info()
                 except self.psutil.Error:
                     continue
                 self.worker_pids.add(proc.pid)
-                self.worker_peak = max(self.worker_peak, rss)
-                total += rss
-            self.workers_total_peak = max(self.workers_total_peak, total)
+                self._peak("worker_rss", mem.rss)
+                self._peak("worker_uss", mem.uss)
+                total += mem.uss
+            self._peak("workers_total_uss", total)
 
     def figures(self) -> dict:
-        mb = 1 << 20
-        return {"driver_peak_mb": round(self.driver_peak / mb), "worker_peak_mb": round(self.worker_peak / mb),
-                "workers_total_peak_mb": round(self.workers_total_peak / mb), "worker_processes": len(self.worker_pids)}
+        return {**{f"{k}_peak_mb": round(v / (1 << 20)) for k, v in self.peaks.items()},
+                "worker_processes": len(self.worker_pids)}
 
 
 def _command(name: str, *args: str, sample_memory: bool = False) -> tuple[dict, float, dict]:
@@ -394,7 +401,7 @@ def format_report(report: dict) -> str:
                          f"**{mi['naive_images_per_s']:,} images/s**; (b) compiled forward pass (batch "
                          f"{mi['batch_sizes']['tf']}, decoded tensors): **{mi['ceiling_images_per_s']:,} images/s**")
             lines.append("")
-            lines.append("| runtime | batch | forward pass images/s | top-1 on the test set |")
+            lines.append(f"| runtime | batch | forward pass images/s | top-1 on the first {mi['images']:,} test images |")
             lines.append("|---|---:|---:|---:|")
             for rt, rate in mi["forward_images_per_s"].items():
                 lines.append(f"| {rt} | {mi['batch_sizes'][rt]} | {rate:,} | {100 * mi['accuracy'][rt]:.2f} % |")
@@ -403,14 +410,14 @@ def format_report(report: dict) -> str:
             lines.append("(c) the whole `mnist-ray infer` command, Ray start-up included:")
             lines.append("")
             lines.append("| runtime | N | wall s | Ray start s | c images/s | scoring images/s | c/a | c/b | "
-                         "accuracy | driver MB | worker MB (max, total) |")
+                         "accuracy | driver MB RSS/USS | largest worker MB RSS/USS | workers USS MB |")
             lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for j in r["jobs"]:
                 lines.append(f"| {j['runtime']} | {j['n']:,} | {j['wall_seconds']:.1f} | {j['ray_startup_seconds']:.1f} | "
                              f"{j['images_per_s']:,.0f} | {j['scoring_images_per_s']:,.0f} | "
                              f"{j.get('c_over_a', float('nan')):.1f} | {j.get('c_over_b', float('nan')):.2f} | "
-                             f"{100 * j['accuracy']:.2f} % | {j['driver_peak_mb']:,} | "
-                             f"{j['worker_peak_mb']:,}, {j['workers_total_peak_mb']:,} |")
+                             f"{100 * j['accuracy']:.2f} % | {j['driver_rss_peak_mb']:,}/{j['driver_uss_peak_mb']:,} | "
+                             f"{j['worker_rss_peak_mb']:,}/{j['worker_uss_peak_mb']:,} | {j['workers_total_uss_peak_mb']:,} |")
             lines.append("")
     if report.get("training"):
         t = report["training"]
@@ -503,7 +510,7 @@ def _check_sane(report: dict) -> None:
         rates.update({f"forward {k}": v for k, v in mi.get("forward_images_per_s", {}).items()})
         bad += [f"{name} {k}={v}" for k, v in rates.items() if not v > 0]
         for job in entry.get("jobs", []):
-            for key in ("images_per_s", "scoring_images_per_s", "driver_peak_mb", "worker_peak_mb"):
+            for key in ("images_per_s", "scoring_images_per_s", "driver_uss_peak_mb", "worker_uss_peak_mb"):
                 if not job[key] > 0:
                     bad.append(f"{name} {job['runtime']} N={job['n']} {key}={job[key]}")
     for r in (report.get("training") or {}).get("runs", []):

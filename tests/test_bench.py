@@ -54,7 +54,8 @@ def test_quick_bench_completes_with_sane_figures(tmp_path):
         assert [(j["runtime"], j["n"]) for j in entry["jobs"]] == [("tf", 4000), ("tflite-int8", 4000)]
         for job in entry["jobs"]:
             assert job["images_per_s"] > 0 and job["ray_startup_seconds"] > 0
-            assert job["driver_peak_mb"] > 0 and job["worker_peak_mb"] > 0 and job["worker_processes"] >= 1
+            assert job["driver_uss_peak_mb"] > 0 and job["worker_uss_peak_mb"] > 0 and job["worker_processes"] >= 1
+            assert job["worker_rss_peak_mb"] >= job["worker_uss_peak_mb"]
             assert job["c_over_b"] == pytest.approx(job["images_per_s"] / micro["ceiling_images_per_s"], rel=0.01)
             assert 0.5 < job["accuracy"] <= 1.0  # two quick epochs on 4,500 digits: far above chance
     assert [r["workers"] for r in report["training"]["runs"]] == [0, 1, 2]
