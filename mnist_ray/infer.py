@@ -268,8 +268,11 @@ def _open_input(uri: str):
         loc, manifest = shards.open_shards(uri)
         columns = _shard_columns(manifest)
         paths = shards.shard_paths(loc, manifest)
-        sample = pq.ParquetFile(paths[0], filesystem=loc.fs).read_row_group(0, columns=columns).slice(0, 8) \
-            if paths else None
+        sample = None
+        if paths:
+            with pq.ParquetFile(paths[0], filesystem=loc.fs) as first:
+                if first.num_row_groups:
+                    sample = first.read_row_group(0, columns=columns).slice(0, 8)
 
         def dataset():
             import ray
@@ -295,7 +298,10 @@ def _open_input(uri: str):
     paths = [folder.root.join(rel) for rel, _ in folder.files]
     listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in folder.files).encode())
     first = paths[:8]
-    raw = [folder.root.fs.open_input_file(p).readall() for p in first]
+    raw = []
+    for path in first:
+        with folder.root.fs.open_input_file(path) as f:
+            raw.append(f.readall())
     sample = datasets.folder_rows(pa.table({"bytes": pa.array(raw, pa.binary()), "path": pa.array(first, pa.string())}),
                                   folder.root.path, folder.root.scheme)
 
@@ -361,8 +367,7 @@ def _pool_resources(cfg: InferConfig, resuming: bool = False) -> tuple[int, int,
     # A GPU actor still feeds its GPU from the CPU, but half a core does that.
     cpus_per_actor = cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, 0.5)
     # The reads, the writes, and on a resumed run Ray's checkpoint filter actor must all fit
-    # beside the pool: a resumed run whose write tasks could not get a CPU crawled at a few
-    # hundred images/s (each write waited for a read to finish).
+    # beside the pool, or one of them waits for a CPU that never frees (ray-project/ray#44687).
     others = 2 * IO_CPUS + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
     if hi * cpus_per_actor + others > cpus and resuming:
         # Small nodes only: make room for the filter actor rather than hang.
