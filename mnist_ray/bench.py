@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mnist_ray import __version__, cluster, preprocess, runtimes, shards, storage
+from mnist_ray import cluster, preprocess, runtimes, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,7 @@ def replicate_shards(seed: pa.Table, uri: str, n: int, rows_per_file: int = 50_0
         writer.close()
         files.append({"path": name, "rows": in_file, "bytes": loc.fs.get_file_info(loc.join(name)).size})
     summary = shards.summarize(files, reports)
-    manifest = {"kind": shards.KIND, "schema_version": shards.SCHEMA_VERSION, "run_id": run_id,
-                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "source": f"replicated:{n}", "mnist_ray_version": __version__,
-                "schema": {f.name: str(f.type) for f in shards.SCHEMA}, "rejected_count": 0, **summary}
+    manifest = shards.build_manifest(run_id, f"replicated:{n}", summary)
     storage.publish(loc, manifest, run_id=run_id)
     return manifest
 

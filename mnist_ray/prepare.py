@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import time
 import uuid
@@ -18,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from mnist_ray import __version__, cluster, datasets, preprocess, shards, storage
+from mnist_ray import cluster, datasets, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -163,13 +162,7 @@ def run(cfg: PrepareConfig) -> dict:
     if summary["rows"] == 0:
         raise MnistRayError(f"no image in {cfg.source} could be decoded "
                             f"(e.g. {summary['rejected'][0]['path']}: {summary['rejected'][0]['error']})")
-    manifest = {
-        "kind": shards.KIND, "schema_version": shards.SCHEMA_VERSION, "run_id": run_id,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": cfg.source, "config": dataclasses.asdict(cfg), "mnist_ray_version": __version__,
-        "schema": {f.name: str(f.type) for f in shards.SCHEMA},
-        "rejected_count": len(summary["rejected"]), **summary,
-    }
+    manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg))
     storage.publish(loc, manifest, run_id=run_id)
     return {
         "output": cfg.output, "rows": summary["rows"],

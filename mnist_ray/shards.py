@@ -123,6 +123,20 @@ def summarize(files: list[dict], reports: list[dict]) -> dict:
     }
 
 
+def build_manifest(run_id: str, source: str, summary: dict, config: dict | None = None) -> dict:
+    """The manifest of a shards dataset: written by prepare, and by the bench's replicator."""
+    import datetime
+
+    from mnist_ray import __version__
+
+    return {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": run_id,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source, **({"config": config} if config is not None else {}), "mnist_ray_version": __version__,
+        "schema": {f.name: str(f.type) for f in SCHEMA}, "rejected_count": len(summary["rejected"]), **summary,
+    }
+
+
 def open_shards(uri: str) -> tuple[storage.Location, dict]:
     """A complete shards dataset (refuses anything else with a clear message)."""
     loc, manifest = storage.open_dataset(uri, producer=PRODUCER)
