@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from mnist_ray import __version__, config
+from mnist_ray import __version__, cluster, config
 from mnist_ray.errors import MnistRayError
 
 # subcommand -> (module, config class, one-line description). Modules load only when used,
@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.from_args(cls, args)
         print(f"mnist-ray {top.command}: config {config.to_json(cfg)}", file=sys.stderr)
-        summary = module.run(cfg)
+        try:
+            summary = module.run(cfg)
+        finally:
+            cluster.shutdown()
     except KeyboardInterrupt:
         print(f"mnist-ray {top.command}: interrupted", file=sys.stderr)
         return 130

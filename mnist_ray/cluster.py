@@ -93,7 +93,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
         os.environ.setdefault(SINGLE_MACHINE, "0")
     import ray
 
+    global _started_here
     if not ray.is_initialized():
+        _started_here = True
         kwargs = {"runtime_env": runtime_env(), "log_to_driver": True, "configure_logging": False}
         if not local:
             check_reachable(address)
@@ -106,6 +108,24 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", **kwargs)
     _warn_local_paths(address, paths)
+
+
+_started_here = False
+
+
+def shutdown() -> None:
+    """Stop the Ray this process started or attached to through ``connect`` (a Ray the caller
+    initialized, such as a test session's, is left alone).
+
+    Called by the command line when a command ends: Ray's own exit hook would do it too, but
+    after a fixed half-second pause for late error messages, on every command.
+    """
+    global _started_here
+    if _started_here and "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+    _started_here = False
 
 
 def _warn_local_paths(address: str | None, paths: tuple[str, ...]) -> None:

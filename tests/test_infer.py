@@ -88,6 +88,44 @@ def test_config_checks():
         InferConfig(runtime="onnx").validate()
 
 
+def _digest(*chunks) -> infer.IdDigest:
+    digest = infer.IdDigest()
+    for chunk in chunks:
+        digest.add(pa.array(chunk, pa.string()))
+    return digest
+
+
+def test_the_id_digest_ignores_order_and_files_but_not_a_lost_or_repeated_id():
+    ids = [f"test-{i:05d}" for i in range(1000)]
+    whole = _digest(ids)
+    assert _digest(ids[600:], ids[:600][::-1]) == whole  # other files, other order
+    assert whole.rows == 1000
+    infer.reconcile(whole, _digest(ids[::-1]))
+    with pytest.raises(MnistRayError, match="1,000 input rows, 999 output rows"):
+        infer.reconcile(whole, _digest(ids[1:]))
+    # the same count, one id lost and another written twice
+    with pytest.raises(MnistRayError, match="as many rows, but not the same ids"):
+        infer.reconcile(whole, _digest(ids[1:] + ids[5:6]))
+
+
+def test_output_files_are_digested_one_by_one_and_a_stray_file_is_caught(tmp_path):
+    from mnist_ray import storage
+
+    loc = storage.resolve(str(tmp_path))
+    data = tmp_path / "run-x" / "data"
+    data.mkdir(parents=True)
+    rows = lambda ids, err=None: pa.table({"id": pa.array(ids, pa.string()), "path": pa.array([None] * len(ids), pa.string()),
+                                           "error": pa.array([err] * len(ids), pa.string())})
+    pq.write_table(rows(["a", "b"]), data / "0.parquet")
+    pq.write_table(rows(["c"], "cannot decode"), data / "1.parquet")
+    files, written, bad = infer._written_files(loc, "run-x")
+    assert [f["rows"] for f in files] == [2, 1] and bad["id"].to_pylist() == ["c"]
+    infer.reconcile(_digest(["c", "a", "b"]), written)
+    pq.write_table(rows(["b"]), data / "2.parquet")  # a row written twice
+    with pytest.raises(MnistRayError, match="3 input rows, 4 output rows"):
+        infer.reconcile(_digest(["c", "a", "b"]), infer._written_files(loc, "run-x")[1])
+
+
 def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(monkeypatch):
     import ray
 
