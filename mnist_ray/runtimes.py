@@ -40,8 +40,11 @@ class KerasRuntime:
 
 
 class TFLiteRuntime:
-    """A TFLite model run on whole batches: the input is resized once per batch size, and a short
-    last batch is padded rather than reallocating; int8 models get quantized input."""
+    """A TFLite model run on whole batches; int8 models get quantized input.
+
+    The input is resized to each batch's size: reallocating costs ~15 µs here, while padding
+    the short batch at the end of every Ray block (212 rows of a 12,500-row block at batch
+    1024) to the full size cost 5x its own time, 6 % of all int8 compute."""
 
     def __init__(self, path: str, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
@@ -80,13 +83,11 @@ class TFLiteRuntime:
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Model-typed input (N, 28, 28, 1) -> float32 probabilities."""
         n = len(x)
-        if n > self._batch:
+        if n != self._batch:
             self._allocate(n)
-        if n < self._batch:
-            x = np.concatenate([x, np.zeros((self._batch - n, *x.shape[1:]), x.dtype)])
         self.interpreter.set_tensor(self._input["index"], x)
         self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self._output["index"])[:n]
+        y = self.interpreter.get_tensor(self._output["index"])
         if self._output["dtype"] != np.float32:
             scale, zero = self._output["quantization"]
             y = (y.astype(np.float32) - zero) * scale

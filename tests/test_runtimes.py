@@ -40,14 +40,17 @@ def test_the_saved_model_serves_the_same_probabilities(trained_model, test_image
     np.testing.assert_allclose(served, runtimes.load(model_dir, "tf")(x[:64]), atol=1e-5)
 
 
-def test_tflite_pads_a_short_batch_instead_of_reallocating(trained_model, test_images):
+def test_tflite_runs_each_batch_at_its_own_size(trained_model, test_images):
+    """No padding: a short batch (the end of every Ray block) is computed at its own size,
+    with the same probabilities as inside a larger batch, and the next full batch still works."""
     model_dir, _ = trained_model
     x, _ = test_images
     runtime = runtimes.load(model_dir, "tflite-int8")
     full = runtime(x[:256])
     short = runtime(x[:37])
-    assert runtime._batch == 256  # still allocated for the large batch
+    assert runtime._batch == 37 and short.shape == (37, 10)
     np.testing.assert_allclose(short, full[:37], atol=1e-6)
+    np.testing.assert_allclose(runtime(x[:256]), full, atol=1e-6)
 
 
 def test_unknown_or_missing_runtime_is_a_clear_error(trained_model, tmp_path):
