@@ -575,7 +575,6 @@ def run(cfg: InferConfig) -> dict:
     stop = threading.Event()
     try:
         smoke = background.submit(_smoke_test, model_local, cfg, sample)
-        expected = background.submit(digest_input, stop)
         connecting = time.perf_counter()
         try:
             cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
@@ -583,14 +582,15 @@ def run(cfg: InferConfig) -> dict:
             ds = dataset()
         finally:
             smoke.result()
-        return _score(cfg, started, ray_startup, loc, source, metadata, expected, ds)
+        return _score(cfg, started, ray_startup, loc, source, metadata, ds,
+                      digest_input=lambda: background.submit(digest_input, stop))
     finally:
         stop.set()  # a failed run does not wait for the digest of 100M ids
         background.shutdown(wait=False, cancel_futures=True)
 
 
 def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Location, source: dict,
-           metadata: dict, expected: concurrent.futures.Future, ds) -> dict:
+           metadata: dict, ds, digest_input: Callable[[], concurrent.futures.Future]) -> dict:
     import ray
 
     work = work_dir(loc, source, metadata["version"], cfg.runtime)
@@ -618,6 +618,8 @@ def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Lo
     if not sys.stderr.isatty():
         lines.start()
     scoring_started, scoring_wall = time.perf_counter(), time.time()
+    # Started with the job, not with Ray: beside ray.init it held the GIL and slowed start-up.
+    expected = digest_input()
     try:
         predictions.write_parquet(loc.join(work, "data"), filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                                   ray_remote_args={"num_cpus": IO_CPUS})
