@@ -408,7 +408,7 @@ def format_report(report: dict) -> str:
             lines.append("")
             lines.append("| runtime | N | wall s | Ray start s | c images/s | scoring images/s | c/a | c/b | "
                          "accuracy | driver MB RSS/USS | largest worker MB RSS/USS | workers USS MB |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            lines.append("|---|" + "---:|" * 11)
             for j in r["jobs"]:
                 lines.append(f"| {j['runtime']} | {j['n']:,} | {j['wall_seconds']:.1f} | {j['ray_startup_seconds']:.1f} | "
                              f"{j['images_per_s']:,.0f} | {j['scoring_images_per_s']:,.0f} | "

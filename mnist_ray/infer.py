@@ -294,7 +294,7 @@ def _open_input(uri: str):
                 # Blocks of whole row groups: Ray's default split of a few files into >= 200
                 # blocks left a resumed run's checkpoint filter emitting blocks of a few dozen
                 # rows, one model call each (459 images/s instead of thousands).
-                return shards.read_dataset(uri, columns=columns, ray_remote_args={"num_cpus": IO_CPUS},
+                return shards.read_dataset(uri, columns=columns, num_cpus=IO_CPUS,
                                            blocks_per_file=BLOCKS_PER_FILE)
             finally:
                 context.use_datasource_v2 = v2
@@ -324,7 +324,7 @@ def _open_input(uri: str):
         import ray
 
         return ray.data.read_binary_files(paths, filesystem=folder.root.fs, include_paths=True,
-                                          ray_remote_args={"num_cpus": IO_CPUS}).map_batches(
+                                          num_cpus=IO_CPUS).map_batches(
             datasets.folder_rows, batch_format="pyarrow", batch_size=256,
             fn_kwargs={"root": folder.root.path, "scheme": folder.root.scheme})
 

@@ -161,7 +161,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(pq.read_table(p, filesystem=loc.fs, columns=columns) for p in paths)
 
 
-def read_dataset(uri: str, columns: list[str] | None = None, ray_remote_args: dict | None = None,
+def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | None = None,
                  blocks_per_file: int | None = None):
     """The dataset as a streaming Ray Dataset over exactly the files the manifest lists.
 
@@ -173,5 +173,5 @@ def read_dataset(uri: str, columns: list[str] | None = None, ray_remote_args: di
     loc, manifest = open_shards(uri)
     paths = shard_paths(loc, manifest)
     blocks = {"override_num_blocks": max(1, len(paths) * blocks_per_file)} if blocks_per_file else {}
-    return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, ray_remote_args=ray_remote_args,
+    return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, num_cpus=num_cpus,
                                  **blocks)
