@@ -464,7 +464,7 @@ class IdDigest:
     keyed hashes (SipHash, via pandas), modulo 2**64.
 
     Equal digests mean the same ids the same number of times (a lost row and a duplicated
-    one cancel only if two keyed 128-bit hashes collide). It is built one file at a time, so
+    one cancel only if their hashes collide under both keys). It is built one file at a time, so
     reconciling 100M rows needs no more memory than reconciling 70k (the set of ids it
     replaces grew ~170 MB per million rows in the driver).
     """
