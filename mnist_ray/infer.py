@@ -464,7 +464,8 @@ class IdDigest:
     keyed hashes (SipHash, via pandas), modulo 2**64.
 
     Equal digests mean the same ids the same number of times (a lost row and a duplicated
-    one cancel only if their hashes collide under both keys). It is built one file at a time, so
+    one cancel only if their hashes collide under both keys). Sums, not the XOR the shard
+    fingerprint combines its row digests with: under XOR a row written twice cancels out. It is built one file at a time, so
     reconciling 100M rows needs no more memory than reconciling 70k (the set of ids it
     replaces grew ~170 MB per million rows in the driver).
     """
@@ -569,8 +570,8 @@ def run(cfg: InferConfig) -> dict:
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
     source, digest_input, sample, dataset = _open_input(cfg.input)
     # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
-    # Ray starts and the read is planned, and the digest of the input ids (it reads every id
-    # once) while the job runs. Neither is on the critical path.
+    # Ray starts and the read is planned, then the digest of the input ids (it reads every id
+    # once) while the job runs; beside ray.init it held the GIL and slowed Ray's start-up.
     background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
     stop = threading.Event()
     try:
@@ -582,15 +583,15 @@ def run(cfg: InferConfig) -> dict:
             ds = dataset()
         finally:
             smoke.result()
-        return _score(cfg, started, ray_startup, loc, source, metadata, ds,
-                      digest_input=lambda: background.submit(digest_input, stop))
+        expected = background.submit(digest_input, stop)
+        return _score(cfg, started, ray_startup, loc, source, metadata, ds, expected)
     finally:
         stop.set()  # a failed run does not wait for the digest of 100M ids
         background.shutdown(wait=False, cancel_futures=True)
 
 
 def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Location, source: dict,
-           metadata: dict, ds, digest_input: Callable[[], concurrent.futures.Future]) -> dict:
+           metadata: dict, ds, expected: concurrent.futures.Future) -> dict:
     import ray
 
     work = work_dir(loc, source, metadata["version"], cfg.runtime)
@@ -618,8 +619,6 @@ def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Lo
     if not sys.stderr.isatty():
         lines.start()
     scoring_started, scoring_wall = time.perf_counter(), time.time()
-    # Started with the job, not with Ray: beside ray.init it held the GIL and slowed start-up.
-    expected = digest_input()
     try:
         predictions.write_parquet(loc.join(work, "data"), filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                                   ray_remote_args={"num_cpus": IO_CPUS})
