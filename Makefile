@@ -26,10 +26,11 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest
 
-# Rewrite the lock from a fresh resolve of pyproject.toml (run after changing dependencies).
+# Rewrite the lock after changing dependencies: a resolve of pyproject.toml that keeps every
+# tested pin that still fits (pip's unconstrained backtracking wanders to old s3fs releases).
 lock:
 	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
-	$(VENV)-lock/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)-lock/bin/python -m pip install --quiet -c requirements.lock -e '.[test]'
 	{ head -n 2 requirements.lock; $(VENV)-lock/bin/python -m pip freeze --exclude-editable; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock && rm -rf $(VENV)-lock
 
