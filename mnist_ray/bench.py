@@ -325,9 +325,9 @@ def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str,
 
 
 def _predictions(uri: str) -> pa.Table:
-    from mnist_ray import infer
+    from mnist_ray import predictions
 
-    return infer.read_predictions(uri, columns=["prediction", "label"])
+    return predictions.read_predictions(uri, columns=["prediction", "label"])
 
 
 # --- training throughput ----------------------------------------------------------------------

@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mnist_ray import infer, preprocess, shards, storage
+from mnist_ray import predictions, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
-CLASSES = list(range(infer.NUM_CLASSES))
+CLASSES = list(range(predictions.NUM_CLASSES))
 # Figures are matplotlib ``Figure`` objects, not pyplot: no global backend or figure state, so
 # a notebook importing this keeps its backend. Sizes in inches are exact in binary, so every
 # PNG's pixel size is exact: 12 tiles of 1 x 1.25 in per row at 100 dpi.
@@ -196,11 +196,11 @@ def run(cfg: EvaluateConfig) -> dict:
     """Write the report dir for ``cfg.predictions``; returns a short summary."""
     if cfg.samples < 1:
         raise MnistRayError("--samples must be positive")
-    _, manifest = infer.open_predictions(cfg.predictions)
+    _, manifest = predictions.open_predictions(cfg.predictions)
     loc = check_output(cfg.output, overwrite=cfg.overwrite)
     source = manifest["input"]
     columns = ["id", "prediction", "confidence", "label", "error"] + (["path"] if source["kind"] == "images" else [])
-    table = infer.read_predictions(cfg.predictions, columns=columns)
+    table = predictions.read_predictions(cfg.predictions, columns=columns)
     metrics = compute_metrics(table)
     metrics["accuracy_by_split"] = accuracy_by_split(table, source)
     labelled = metrics["accuracy"] is not None

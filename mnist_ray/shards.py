@@ -91,6 +91,36 @@ def xor_digest(digests: Iterable[np.ndarray]) -> np.ndarray:
     return acc
 
 
+class IdDigest:
+    """An order-independent digest of a multiset of ids: their count and two sums of 64-bit
+    keyed hashes (SipHash, via pandas), modulo 2**64; infer reconciles its output by it.
+
+    Equal digests mean the same ids the same number of times (a lost row and a duplicated
+    one cancel only if their hashes collide under both keys). Sums, not the XOR the shard
+    fingerprint combines its row digests with: under XOR a row written twice cancels out. It is
+    built one file at a time, so reconciling 100M rows needs no more memory than reconciling
+    70k (the set of ids it replaces grew ~170 MB per million rows in the driver).
+    """
+
+    KEYS = ("mnist-ray-ids-a1", "mnist-ray-ids-b2")  # SipHash keys: 16 bytes each
+
+    def __init__(self):
+        self.rows = 0
+        self.sums = [0] * len(self.KEYS)
+
+    def add(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        from pandas.util import hash_array
+
+        values = ids.to_numpy(zero_copy_only=False)
+        self.rows += len(values)
+        for i, key in enumerate(self.KEYS):
+            total = int(hash_array(values, hash_key=key, categorize=False).sum(dtype=np.uint64))
+            self.sums[i] = (self.sums[i] + total) % 2**64
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, IdDigest) and (self.rows, self.sums) == (other.rows, other.sums)
+
+
 def fingerprint(content_xor: np.ndarray, counts: dict) -> str:
     h = hashlib.sha256(f"{KIND}/{SCHEMA_VERSION}\0".encode())
     h.update(content_xor.tobytes())

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mnist_ray import config, infer, preprocess, shards, storage
+from mnist_ray import config, predictions, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 from mnist_ray.evaluate import EvaluateConfig, run
 
@@ -46,7 +46,7 @@ def _predictions(path: Path, ids, labels, source: dict, paths=None) -> str:
         "model_version": [MODEL["version"]] * n,
         "error": [None if p is not None else "UnidentifiedImageError: cannot identify image file"
                   for p in PREDICTED[:n]],
-    }, schema=infer.SCHEMA)
+    }, schema=predictions.SCHEMA)
     return _publish(path, table, {"kind": "predictions", "fingerprint": "sha256:p", "input": source,
                                   "model": MODEL, "error_rows": PREDICTED[:n].count(None)})
 
@@ -193,14 +193,14 @@ def test_images_and_report_on_s3(s3_bucket, tmp_path, mnist_test_arrays):
         buf = io.BytesIO()
         Image.fromarray(images[i]).save(buf, format="PNG")
         storage.write_bytes(folder, name, buf.getvalue())
-    predictions = _predictions(tmp_path / "predictions", ids, [7, 2, 1],
+    predictions_uri = _predictions(tmp_path / "predictions", ids, [7, 2, 1],
                                {"kind": "images", "uri": folder.uri, "fingerprint": "sha256:f"},
                                paths=[folder.uri_of(name) for name in ids])
     out = f"s3://{s3_bucket}/reports/first"
-    assert run(EvaluateConfig(predictions=predictions, output=out, samples=12))["accuracy"] == 1.0
+    assert run(EvaluateConfig(predictions=predictions_uri, output=out, samples=12))["accuracy"] == 1.0
     report = storage.resolve(out)
     assert storage.is_complete(report) and storage.read_json(report, "metrics.json")["labelled_rows"] == 3
     with report.fs.open_input_stream(report.join("samples.png")) as f:
         assert Image.open(io.BytesIO(f.read())).size == (1200, 350)  # 1 row of samples, 1 of mistakes
     with pytest.raises(MnistRayError, match="--overwrite"):
-        run(EvaluateConfig(predictions=predictions, output=out))
+        run(EvaluateConfig(predictions=predictions_uri, output=out))

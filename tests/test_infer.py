@@ -1,4 +1,4 @@
-"""Batch inference: the predictor without Ray, then the whole job on a real local Ray."""
+"""The inference job: reconciliation and work dirs without Ray, then the whole job on a real local Ray."""
 
 import json
 from pathlib import Path
@@ -8,104 +8,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mnist_ray import cluster, infer, preprocess, runtimes, shards
+from mnist_ray import cluster, infer, predictions, preprocess, runtimes, shards, sources
 from mnist_ray.errors import MnistRayError
-from mnist_ray.infer import InferConfig, Predictor, prepare_rows, run
+from mnist_ray.infer import InferConfig, run
 
 cluster.configure_process_env()
 
 
-def _rows(images: list, labels=None, paths=None) -> pa.Table:
-    n = len(images)
-    return pa.table({"id": [f"r{i}" for i in range(n)], "image": pa.array(images, pa.binary()),
-                     "label": pa.array(labels if labels is not None else [None] * n, pa.int8()),
-                     "path": pa.array(paths or [None] * n, pa.string())})
-
-
-def _fake_model(x: np.ndarray) -> np.ndarray:
-    """Class = the brightest row band: deterministic, no TensorFlow."""
-    scores = x.reshape(len(x), -1)[:, :780].reshape(len(x), 10, 78).mean(axis=2) + 1e-3
-    return (scores / scores.sum(1, keepdims=True)).astype(np.float32)
-
-
-def test_predictor_scores_batches_and_keeps_error_rows(mnist_test_arrays):
-    images, labels = mnist_test_arrays
-    encoded = preprocess.encode_png(images[:6])
-    encoded[2] = b"not an image"
-    batch = prepare_rows(_rows(encoded, labels=[int(v) for v in labels[:6]]))
-    calls = []
-    predictor = Predictor(lambda: lambda x: calls.append(len(x)) or _fake_model(x), "m-1")
-    out = predictor(batch)
-    assert calls == [5]  # one model call per batch, only for the rows that decoded
-    assert out.num_rows == 6 and out["id"].to_pylist() == [f"r{i}" for i in range(6)]
-    assert out["error"][2].as_py().startswith("UnidentifiedImageError")
-    assert out["prediction"][2].as_py() is None and out["confidence"][2].as_py() is None
-    expected = _fake_model(preprocess.normalize(images[[0, 1, 3, 4, 5]]))
-    assert [out["prediction"][i].as_py() for i in (0, 1, 3, 4, 5)] == expected.argmax(1).tolist()
-    probs = np.array(out["probabilities"].to_pylist())
-    np.testing.assert_allclose(probs[[0, 1, 3, 4, 5]], expected, rtol=1e-6)
-    assert out["label"].to_pylist() == [int(v) for v in labels[:6]]
-    assert set(out["model_version"].to_pylist()) == {"m-1"}
-    assert out.schema.field("probabilities").type == pa.list_(pa.float32(), 10)
-
-
-def test_a_model_failure_turns_the_batch_into_error_rows(mnist_test_arrays):
-    images, _ = mnist_test_arrays
-
-    def broken(x):
-        raise RuntimeError("out of memory")
-
-    out = Predictor(lambda: broken, "m")(prepare_rows(_rows(preprocess.encode_png(images[:3]))))
-    assert all("scoring failed: RuntimeError: out of memory" in e for e in out["error"].to_pylist())
-
-
-def test_prepare_rows_takes_stored_pixels_and_decodes_only_the_rows_without(mnist_test_arrays):
-    images, _ = mnist_test_arrays
-    rows = _rows(preprocess.encode_png(images[:4]))
-    # v2 shards: pixels stored for every row -> passed through untouched (no decoding at all:
-    # the image column is absent).
-    stored = rows.drop_columns(["image"]).append_column("pixels", shards.pixels_column(images[:4]))
-    out = prepare_rows(stored)
-    np.testing.assert_array_equal(shards.pixels_numpy(out["pixels"]), images[:4])
-    assert out["error"].null_count == 4
-    # Rows stored without pixels (prepare could not make them) are decoded from their image,
-    # and one that fails again becomes an error row.
-    mixed = _rows([*preprocess.encode_png(images[:2]), b"garbage"]).append_column(
-        "pixels", shards.pixels_column(np.stack([images[0], images[1], images[2]]), np.array([True, False, False])))
-    out = prepare_rows(mixed)
-    np.testing.assert_array_equal(shards.pixels_numpy(out["pixels"])[:2], images[:2])  # row 1 decoded
-    assert out["error"].to_pylist()[:2] == [None, None] and out["error"][2].as_py().startswith("UnidentifiedImageError")
-    # v1 shards (image only) decode every row, to the same pixels.
-    np.testing.assert_array_equal(shards.pixels_numpy(prepare_rows(rows)["pixels"]), images[:4])
-
-
-def test_config_checks():
-    assert InferConfig(actors="2..4").pool() == (2, 4) and InferConfig(actors="3").pool() == (3, 3)
-    for bad in ("0", "4..2", "x"):
-        with pytest.raises(MnistRayError, match="--actors"):
-            InferConfig(actors=bad).pool()
-    with pytest.raises(MnistRayError, match="unknown runtime"):
-        InferConfig(runtime="onnx").validate()
-
-
-def _digest(*chunks) -> infer.IdDigest:
-    digest = infer.IdDigest()
+def _digest(*chunks) -> shards.IdDigest:
+    digest = shards.IdDigest()
     for chunk in chunks:
         digest.add(pa.array(chunk, pa.string()))
     return digest
-
-
-def test_the_id_digest_ignores_order_and_files_but_not_a_lost_or_repeated_id():
-    ids = [f"test-{i:05d}" for i in range(1000)]
-    whole = _digest(ids)
-    assert _digest(ids[600:], ids[:600][::-1]) == whole  # other files, other order
-    assert whole.rows == 1000
-    infer.reconcile(whole, _digest(ids[::-1]))
-    with pytest.raises(MnistRayError, match="1,000 input rows, 999 output rows"):
-        infer.reconcile(whole, _digest(ids[1:]))
-    # the same count, one id lost and another written twice
-    with pytest.raises(MnistRayError, match="as many rows, but not the same ids"):
-        infer.reconcile(whole, _digest(ids[1:] + ids[5:6]))
 
 
 def test_output_files_are_digested_one_by_one_and_a_stray_file_is_caught(tmp_path):
@@ -118,38 +32,19 @@ def test_output_files_are_digested_one_by_one_and_a_stray_file_is_caught(tmp_pat
                                            "error": pa.array([err] * len(ids), pa.string())})
     pq.write_table(rows(["a", "b"]), data / "0.parquet")
     pq.write_table(rows(["c"], "cannot decode"), data / "1.parquet")
-    files, written, bad = infer._written_files(loc, "run-x")
+    files, written, bad = infer.written_files(loc, "run-x")
     assert [f["rows"] for f in files] == [2, 1] and bad["id"].to_pylist() == ["c"]
     infer.reconcile(_digest(["c", "a", "b"]), written)
     pq.write_table(rows(["b"]), data / "2.parquet")  # a row written twice
     with pytest.raises(MnistRayError, match="3 input rows, 4 output rows"):
-        infer.reconcile(_digest(["c", "a", "b"]), infer._written_files(loc, "run-x")[1])
-
-
-def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert infer._pool_resources(InferConfig()) == (1, 1, 0.0, 1.0)  # the default leaves a CPU to read
-    # Resuming: Ray's checkpoint filter actor takes a CPU, so the predictor reserves less.
-    assert infer._pool_resources(InferConfig(), resuming=True) == (1, 1, 0.0, 0.5)
-    with pytest.raises(MnistRayError, match="starve"):
-        infer._pool_resources(InferConfig(actors="2"))
-    assert infer._pool_resources(InferConfig(gpus_per_actor=0.5))[2] == 0.0  # no GPU: runs on CPU
-    with pytest.raises(MnistRayError, match="no GPU"):
-        infer._pool_resources(InferConfig(gpus_per_actor=1, require_gpu=True))
-    # A cluster scaled to zero (autoscaling from a CPU-0 head): the flags stand, GPUs may come.
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1e9})
-    assert infer._pool_resources(InferConfig(actors="1..8", gpus_per_actor=1)) == (1, 8, 1, 0.5)
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 1.0})
-    assert infer._pool_resources(InferConfig(actors="2", gpus_per_actor=0.5)) == (2, 2, 0.5, 0.5)
+        infer.reconcile(_digest(["c", "a", "b"]), infer.written_files(loc, "run-x")[1])
 
 
 # --- the whole job ---------------------------------------------------------------------------
 
 
 def _predictions(uri: str) -> pa.Table:
-    return infer.read_predictions(uri)
+    return predictions.read_predictions(uri)
 
 
 @pytest.mark.e2e
@@ -310,15 +205,15 @@ def test_work_dirs_differ_by_input_model_runtime_and_the_run_they_replace(tmp_pa
     from mnist_ray import storage
 
     loc = storage.resolve(str(tmp_path))
-    base = infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf")
-    assert base == infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf")  # a rerun resumes
+    base = infer.work_dir(loc, "sha256:a", "m-1", "tf")
+    assert base == infer.work_dir(loc, "sha256:a", "m-1", "tf")  # a rerun resumes
     assert base.startswith("run-") and len({
-        base, infer.work_dir(loc, {"fingerprint": "sha256:b"}, "m-1", "tf"),
-        infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-2", "tf"),
-        infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tflite-int8")}) == 4
+        base, infer.work_dir(loc, "sha256:b", "m-1", "tf"),
+        infer.work_dir(loc, "sha256:a", "m-2", "tf"),
+        infer.work_dir(loc, "sha256:a", "m-1", "tflite-int8")}) == 4
     storage.publish(loc, {"run_id": base[4:], "files": [], "fingerprint": "x"}, run_id=base[4:])
     # --overwrite of a published run: the new work never lands in the published run's directory.
-    assert infer.work_dir(loc, {"fingerprint": "sha256:a"}, "m-1", "tf") != base
+    assert infer.work_dir(loc, "sha256:a", "m-1", "tf") != base
 
 
 def test_the_resume_filter_matches_files_by_uri(ray_local, tmp_path):
@@ -327,14 +222,13 @@ def test_the_resume_filter_matches_files_by_uri(ray_local, tmp_path):
 
     from mnist_ray import storage
 
-    source = {"resume_key": "path", "scheme": "s3://"}
-    config = infer._checkpoint_config(storage.resolve(str(tmp_path)), "run-0", source)
+    config = infer.checkpoint_config(storage.resolve(str(tmp_path)), "run-0", "path", "s3://")
     done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
     keep = config.checkpoint_filter_cls(config, done).filter_rows_for_block(
         pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]}))
     assert keep["path"].to_pylist() == ["b/x/2.png"] and keep["bytes"].to_pylist() == [b"2"]
     # Local files: the written path is the reader's path, Ray's own comparison applies.
-    local = infer._checkpoint_config(storage.resolve(str(tmp_path)), "run-0", {**source, "scheme": ""})
+    local = infer.checkpoint_config(storage.resolve(str(tmp_path)), "run-0", "path", "")
     keep = local.checkpoint_filter_cls(local, ray.put(np.array(["/d/1.png"], dtype=object))).filter_rows_for_block(
         pa.table({"path": ["/d/1.png", "/d/2.png"]}))
     assert keep["path"].to_pylist() == ["/d/2.png"]

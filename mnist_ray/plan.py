@@ -1,0 +1,141 @@
+"""The plan of one inference run: what it reserves and how it scores, resolved once, up front.
+
+``make`` turns the config and the cluster's resources into a frozen ``Plan`` (pool size, CPUs
+and GPUs per actor, the read/write tasks' CPUs, batch size, runtime and why): printed at the
+start of the run, recorded in the predictions' manifest, and pure (no Ray: the resources are an
+argument), so every decision is unit-tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from mnist_ray.errors import MnistRayError
+
+if TYPE_CHECKING:
+    from mnist_ray.infer import InferConfig
+
+log = logging.getLogger(__name__)
+
+# Read and write tasks mostly wait on storage: they reserve a quarter of a CPU, so both still
+# fit beside actors that reserve whole ones (ray-project/ray#44687: starved reads hang the
+# job), and beside the checkpoint filter actor of a resumed run.
+IO_CPUS = 0.25
+# Ray Data's checkpoint filter (ray.data.checkpoint, on a resumed run) is an actor that
+# reserves one CPU, and Ray offers no setting for it.
+CHECKPOINT_FILTER_CPUS = 1.0
+# A GPU actor still feeds its GPU from the CPU, but half a core does that.
+GPU_ACTOR_MAX_CPUS = 0.5
+# Smallest CPU share a predictor actor is squeezed to on a resumed run of a small node.
+MIN_ACTOR_CPUS = 0.25
+# Blocks in flight, whatever N: Ray Data's default budget is a fraction of the object store
+# (GiBs), and reads are far faster than scoring, so at 1M images ~600 MB of pixels sat queued in
+# front of one actor (memory grew with N) and the reads competed with the actor's start-up.
+# A few blocks per actor keep it fed (a block is ~10 MB of pixels).
+READ_AHEAD_BYTES_PER_ACTOR = 96 * 2**20
+READ_AHEAD_BYTES_MIN = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    runtime: str
+    runtime_reason: str
+    batch_size: int
+    actors_min: int
+    actors_max: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    prepare_cpus: float  # each prepare_rows task: the actor's own CPUs, so Ray fuses it into the actor
+    read_cpus: float
+    write_cpus: float
+    read_ahead_bytes: int
+    resumed_rows: int = 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpus_per_actor > 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """One line for the log."""
+        gpu = f", {self.gpus_per_actor:g} GPU" if self.on_gpu else ""
+        pool = f"{self.actors_min}" if self.actors_min == self.actors_max else f"{self.actors_min}..{self.actors_max}"
+        return (f"{pool} actor(s) x {self.cpus_per_actor:g} CPU{gpu}, runtime {self.runtime} "
+                f"({self.runtime_reason}), batch {self.batch_size}, read/write tasks {self.read_cpus:g}/"
+                f"{self.write_cpus:g} CPU, read-ahead {self.read_ahead_bytes >> 20} MiB"
+                + (f", resuming after {self.resumed_rows:,} rows" if self.resumed_rows else ""))
+
+
+def parse_actors(actors: str) -> tuple[int, int]:
+    """``N`` or ``MIN..MAX`` -> (min, max) pool size."""
+    try:
+        low, _, high = actors.partition("..")
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise MnistRayError(f"--actors {actors!r}: give N or MIN..MAX, e.g. 1..4") from None
+    if not 1 <= lo <= hi:
+        raise MnistRayError(f"--actors {actors!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
+def default_batch_size(runtime: str) -> int:
+    """4096 for tf; 1024 for TFLite, whose int8 activations then stay in cache (mnist-ray bench)."""
+    return 4096 if runtime == "tf" else 1024
+
+
+def choose_runtime(cfg: InferConfig, model_dir: str, on_gpu: bool) -> tuple[str, str]:
+    """The runtime the actors load, and why."""
+    return cfg.runtime, "--runtime"
+
+
+def make(cfg: InferConfig, resources: dict, model_dir: str,
+         resumed_rows: Callable[[str], int] = lambda runtime: 0) -> Plan:
+    """The plan for ``cfg`` on a cluster with ``resources`` (``ray.cluster_resources()``).
+
+    ``resumed_rows(runtime)``: rows an earlier attempt of this job committed (the work dir
+    depends on the runtime). Refuses a pool that would starve the read and write tasks.
+    """
+    lo, hi = parse_actors(cfg.actors)
+    cpus, gpus = resources.get("CPU", 0), cfg.gpus_per_actor
+    if cpus > 0 and gpus > 0 and resources.get("GPU", 0) == 0:
+        if cfg.require_gpu:
+            raise MnistRayError("--require-gpu: the cluster has no GPU")
+        log.warning("the cluster has no GPU: running the predictor actors on CPU")
+        gpus = 0.0
+    runtime, reason = choose_runtime(cfg, model_dir, on_gpu=gpus > 0)
+    resumed = resumed_rows(runtime)
+    actor_cpus = cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, GPU_ACTOR_MAX_CPUS)
+    if cpus == 0:
+        # An autoscaling cluster scaled to zero (cluster.yaml's head has CPU 0): nothing to
+        # measure yet, so trust the flags and let the autoscaler bring the nodes they ask for.
+        log.info("the cluster has no worker nodes yet: the actor pool will wait for the autoscaler")
+    else:
+        actor_cpus = fit_actor_cpus(cpus, hi, actor_cpus, resuming=resumed > 0)
+    return Plan(runtime=runtime, runtime_reason=reason, batch_size=cfg.batch_size or default_batch_size(runtime),
+                actors_min=lo, actors_max=hi, cpus_per_actor=actor_cpus, gpus_per_actor=gpus,
+                prepare_cpus=actor_cpus if gpus == 0 else IO_CPUS, read_cpus=IO_CPUS, write_cpus=IO_CPUS,
+                read_ahead_bytes=max(READ_AHEAD_BYTES_MIN, hi * READ_AHEAD_BYTES_PER_ACTOR), resumed_rows=resumed)
+
+
+def fit_actor_cpus(cpus: float, actors: int, actor_cpus: float, resuming: bool) -> float:
+    """CPUs per actor that leave the reads, the writes, and on a resumed run Ray's checkpoint
+    filter actor room beside the pool, or one of them waits for a CPU that never frees
+    (ray-project/ray#44687)."""
+    others = 2 * IO_CPUS + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
+    if actors * actor_cpus + others > cpus and resuming:
+        # Small nodes only: make room for the filter actor rather than hang.
+        fitted = (cpus - others) / actors
+        if fitted >= MIN_ACTOR_CPUS:
+            log.info("resuming: Ray's checkpoint filter actor takes %g CPU, so each predictor actor "
+                     "reserves %.2g CPU instead of %g", CHECKPOINT_FILTER_CPUS, fitted, actor_cpus)
+            actor_cpus = fitted
+    if actors * actor_cpus + others > cpus:
+        raise MnistRayError(
+            f"{actors} actors x {actor_cpus:g} CPU would take {actors * actor_cpus + others - 2 * IO_CPUS:g} of "
+            f"{cpus:g} CPUs and starve the read and write tasks: lower --actors or --cpus-per-actor")
+    return actor_cpus

@@ -1,0 +1,37 @@
+"""The image-shard format's digests: rows for the fingerprint, ids for reconciliation."""
+
+import pyarrow as pa
+import pytest
+
+from mnist_ray import infer, shards
+from mnist_ray.errors import MnistRayError
+
+
+def _digest(*chunks) -> shards.IdDigest:
+    digest = shards.IdDigest()
+    for chunk in chunks:
+        digest.add(pa.array(chunk, pa.string()))
+    return digest
+
+
+def test_the_id_digest_ignores_order_and_files_but_not_a_lost_or_repeated_id():
+    ids = [f"test-{i:05d}" for i in range(1000)]
+    whole = _digest(ids)
+    assert _digest(ids[600:], ids[:600][::-1]) == whole  # other files, other order
+    assert whole.rows == 1000
+    infer.reconcile(whole, _digest(ids[::-1]))
+    with pytest.raises(MnistRayError, match="1,000 input rows, 999 output rows"):
+        infer.reconcile(whole, _digest(ids[1:]))
+    # the same count, one id lost and another written twice
+    with pytest.raises(MnistRayError, match="as many rows, but not the same ids"):
+        infer.reconcile(whole, _digest(ids[1:] + ids[5:6]))
+
+
+def test_the_row_digest_xor_ignores_order_and_sees_every_stored_field():
+    table = pa.table({"id": ["a", "b"], "image": [b"1", b"2"], "label": pa.array([1, 2], pa.int8()),
+                      "split": ["train", "val"]})
+    d = shards.row_digests(table)
+    assert d.shape == (2, 32)
+    assert (shards.xor_digest([d]) == shards.xor_digest([d[1:], d[:1]])).all()
+    other = shards.row_digests(table.set_column(2, "label", pa.array([1, 3], pa.int8())))
+    assert (other[0] == d[0]).all() and not (other[1] == d[1]).all()
