@@ -26,12 +26,14 @@ FORWARDED_ENV = (
 def configure_process_env() -> dict[str, str]:
     """Set what TensorFlow needs before it is imported, and return the workers' env vars.
 
-    tf-keras (Keras 2) rather than Keras 3: Keras 3 fails under MultiWorkerMirroredStrategy.
+    tf-keras (Keras 2) rather than Keras 3 (``compat.keras2_env``).
     """
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ startup chatter hides real errors
-    env = {"TF_USE_LEGACY_KERAS": os.environ["TF_USE_LEGACY_KERAS"],
-           "TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}
+    from mnist_ray import compat
+
+    wanted = {**compat.keras2_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}  # TF's C++ startup chatter hides real errors
+    for name, value in wanted.items():
+        os.environ.setdefault(name, value)
+    env = {name: os.environ[name] for name in wanted}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
 

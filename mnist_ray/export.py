@@ -4,7 +4,7 @@
       model.keras            the Keras model (tf-keras)
       saved_model/           inference SavedModel (TF Serving, `tf.saved_model.load`)
       tflite/{float32,float16,dynamic,int8}.tflite
-      variants.json          size, validation accuracy and images/s of every variant
+      variants.json          size, validation accuracy, images/s and top-1 agreement of every variant
       curves.png             loss and accuracy per epoch
       metadata.json          name, version, classes, input and preprocessing spec, metrics, data, versions
       _SUCCESS               written last: readers refuse a model dir without it
@@ -118,6 +118,21 @@ def convert_tflite(model, calibration: np.ndarray) -> dict[str, bytes]:
     return out
 
 
+def agreement_images(val_images: np.ndarray, train_dataset) -> np.ndarray:
+    """The images agreement is measured on: every validation image, then training images up to
+    ``runtimes.MIN_AGREEMENT_IMAGES`` (agreement compares two models, so no labels are needed)."""
+    need = runtimes.MIN_AGREEMENT_IMAGES - len(val_images)
+    if need <= 0 or train_dataset is None:
+        return val_images
+    extra, _ = _numpy(train_dataset, limit=need)
+    return np.concatenate([val_images, extra])
+
+
+def top1_agreement(runtime, images: np.ndarray, reference: np.ndarray) -> float:
+    """Share of ``images`` on which ``runtime``'s top class is ``reference``'s (top classes)."""
+    return round(float((runtimes.predict_batched(runtime, images).argmax(1) == reference).mean()), 5)
+
+
 def measure(runtime, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> dict:
     runtime(images[:batch_size])  # warm-up: allocation, tracing
     started = time.perf_counter()
@@ -150,10 +165,10 @@ def plot_curves(history: list[dict], path: str) -> None:
 
 
 def format_table(variants: dict) -> str:
-    lines = [f"{'variant':<16}{'size':>12}{'val acc':>10}{'images/s':>12}"]
+    lines = [f"{'variant':<16}{'size':>12}{'val acc':>10}{'images/s':>12}{'agreement':>11}"]
     for name, v in variants.items():
         lines.append(f"{name:<16}{v['bytes'] / 1024:>10.0f}kB{v['val_accuracy'] * 100:>9.2f}%"
-                     f"{v['images_per_s']:>12,.0f}")
+                     f"{v['images_per_s']:>12,.0f}{v.get('agreement', 1.0) * 100:>10.2f}%")
     return "\n".join(lines)
 
 
@@ -180,18 +195,27 @@ def export(keras_path: str, output: str, *, history: list[dict], manifest: dict,
         with contextlib.redirect_stdout(io.StringIO()):  # it prints the whole signature
             model.export(os.path.join(staging, "saved_model"))
         variants = {"tf": {"file": "model.keras", "bytes": os.path.getsize(keras_path)}}
-        m, reference = measure(runtimes.KerasRuntime(keras_path), val_images, val_labels)
+        keras_runtime = runtimes.KerasRuntime(keras_path)
+        m, _ = measure(keras_runtime, val_images, val_labels)
         variants["tf"].update(m, agreement=1.0)
+        # Top-1 agreement of each variant with the float model, on >= 5,000 images when the data
+        # has them: what `--runtime auto` decides by (runtimes.resolve).
+        agreement = {"reference": "tf", "images": 0, "top1": {}}
         if tflite:
             calibration, _ = _numpy(calibration_dataset, limit=500)
+            compared = agreement_images(val_images, calibration_dataset)
+            reference = runtimes.predict_batched(keras_runtime, compared).argmax(1)
+            agreement["images"] = int(len(compared))
             os.makedirs(os.path.join(staging, "tflite"))
             for runtime, data in convert_tflite(model, calibration).items():
                 rel = runtimes.RUNTIME_FILES[runtime]
                 with open(os.path.join(staging, rel), "wb") as f:
                     f.write(data)
-                m, probs = measure(runtimes.TFLiteRuntime(os.path.join(staging, rel)), val_images, val_labels)
-                agreement = round(float((probs.argmax(1) == reference.argmax(1)).mean()), 5)
-                variants[runtime] = {"file": rel, "bytes": len(data), **m, "agreement": agreement}
+                variant = runtimes.TFLiteRuntime(os.path.join(staging, rel))
+                m, _ = measure(variant, val_images, val_labels)
+                agreement["top1"][runtime] = top1_agreement(variant, compared, reference)
+                variants[runtime] = {"file": rel, "bytes": len(data), **m, "agreement": agreement["top1"][runtime],
+                                     "agreement_images": agreement["images"]}
         with open(os.path.join(staging, "variants.json"), "w") as f:
             json.dump(variants, f, indent=2)
         plot_curves(history, os.path.join(staging, "curves.png"))
@@ -210,6 +234,7 @@ def export(keras_path: str, output: str, *, history: list[dict], manifest: dict,
             "data": {"uri": train_config["data"], "source": source, "fingerprint": manifest["fingerprint"]},
             "params": int(model.count_params()),
             "variants": variants,
+            "agreement": agreement,
             "train_config": train_config,
             "run_name": run_name,
             "versions": _versions(),
@@ -217,11 +242,12 @@ def export(keras_path: str, output: str, *, history: list[dict], manifest: dict,
         }
         with open(os.path.join(staging, "metadata.json"), "w") as f:
             json.dump(metadata, f, indent=2)
-        table = format_table(variants)
-        print(table, flush=True)
+        auto = runtimes.resolve(staging, on_gpu=False, metadata=metadata)
+        print(format_table(variants) + f"\n--runtime auto on CPU: {auto[0]} ({auto[1]})", flush=True)
         storage.publish_directory(staging, loc, run_id=metadata["version"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"version": metadata["version"], "val_accuracy": variants["tf"]["val_accuracy"],
+            "agreement": agreement, "auto_runtime_on_cpu": {"runtime": auto[0], "reason": auto[1]},
             "variants": {k: {x: v[x] for x in ("bytes", "val_accuracy", "images_per_s")}
                          for k, v in variants.items()}}

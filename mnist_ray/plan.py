@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from mnist_ray import compat, runtimes
 from mnist_ray.errors import MnistRayError
 
 if TYPE_CHECKING:
@@ -20,13 +21,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Read and write tasks mostly wait on storage: they reserve a quarter of a CPU, so both still
-# fit beside actors that reserve whole ones (ray-project/ray#44687: starved reads hang the
-# job), and beside the checkpoint filter actor of a resumed run.
-IO_CPUS = 0.25
-# Ray Data's checkpoint filter (ray.data.checkpoint, on a resumed run) is an actor that
-# reserves one CPU, and Ray offers no setting for it.
-CHECKPOINT_FILTER_CPUS = 1.0
 # A GPU actor still feeds its GPU from the CPU, but half a core does that.
 GPU_ACTOR_MAX_CPUS = 0.5
 # Smallest CPU share a predictor actor is squeezed to on a resumed run of a small node.
@@ -89,8 +83,10 @@ def default_batch_size(runtime: str) -> int:
 
 
 def choose_runtime(cfg: InferConfig, model_dir: str, on_gpu: bool) -> tuple[str, str]:
-    """The runtime the actors load, and why."""
-    return cfg.runtime, "--runtime"
+    """The runtime the actors load, and why: the one given, or ``runtimes.resolve``'s for auto."""
+    if cfg.runtime != runtimes.AUTO:
+        return cfg.runtime, f"--runtime {cfg.runtime}"
+    return runtimes.resolve(model_dir, on_gpu)
 
 
 def make(cfg: InferConfig, resources: dict, model_dir: str,
@@ -118,24 +114,24 @@ def make(cfg: InferConfig, resources: dict, model_dir: str,
         actor_cpus = fit_actor_cpus(cpus, hi, actor_cpus, resuming=resumed > 0)
     return Plan(runtime=runtime, runtime_reason=reason, batch_size=cfg.batch_size or default_batch_size(runtime),
                 actors_min=lo, actors_max=hi, cpus_per_actor=actor_cpus, gpus_per_actor=gpus,
-                prepare_cpus=actor_cpus if gpus == 0 else IO_CPUS, read_cpus=IO_CPUS, write_cpus=IO_CPUS,
+                prepare_cpus=actor_cpus if gpus == 0 else compat.IO_TASK_CPUS,
+                read_cpus=compat.IO_TASK_CPUS, write_cpus=compat.IO_TASK_CPUS,
                 read_ahead_bytes=max(READ_AHEAD_BYTES_MIN, hi * READ_AHEAD_BYTES_PER_ACTOR), resumed_rows=resumed)
 
 
 def fit_actor_cpus(cpus: float, actors: int, actor_cpus: float, resuming: bool) -> float:
-    """CPUs per actor that leave the reads, the writes, and on a resumed run Ray's checkpoint
-    filter actor room beside the pool, or one of them waits for a CPU that never frees
-    (ray-project/ray#44687)."""
-    others = 2 * IO_CPUS + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
-    if actors * actor_cpus + others > cpus and resuming:
+    """CPUs per actor that leave Ray Data's own tasks their reserve beside the pool
+    (``compat.data_cpu_reserve``), or one of them waits for a CPU that never frees."""
+    reserve = compat.data_cpu_reserve(resuming)
+    if actors * actor_cpus + reserve > cpus and resuming:
         # Small nodes only: make room for the filter actor rather than hang.
-        fitted = (cpus - others) / actors
+        fitted = (cpus - reserve) / actors
         if fitted >= MIN_ACTOR_CPUS:
             log.info("resuming: Ray's checkpoint filter actor takes %g CPU, so each predictor actor "
-                     "reserves %.2g CPU instead of %g", CHECKPOINT_FILTER_CPUS, fitted, actor_cpus)
+                     "reserves %.2g CPU instead of %g", compat.checkpoint_filter_cpus(), fitted, actor_cpus)
             actor_cpus = fitted
-    if actors * actor_cpus + others > cpus:
+    if actors * actor_cpus + reserve > cpus:
         raise MnistRayError(
-            f"{actors} actors x {actor_cpus:g} CPU would take {actors * actor_cpus + others - 2 * IO_CPUS:g} of "
-            f"{cpus:g} CPUs and starve the read and write tasks: lower --actors or --cpus-per-actor")
+            f"{actors} actors x {actor_cpus:g} CPU would leave less than {reserve:g} of {cpus:g} CPUs to "
+            "Ray Data's own tasks and starve the read and write tasks: lower --actors or --cpus-per-actor")
     return actor_cpus

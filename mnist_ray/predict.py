@@ -20,7 +20,8 @@ class PredictConfig:
     images: tuple[str, ...] = field(default=(), metadata={
         "help": "image files (PNG, JPEG, ...; photos and scans welcome)", "metavar": "IMAGE", "positional": True})
     model: str = field(default="out/mnist-sample/model", metadata={"help": "model dir (mnist-ray train)"})
-    runtime: str = field(default="tf", metadata={"help": " | ".join(runtimes.RUNTIME_FILES)})
+    runtime: str = field(default=runtimes.AUTO, metadata={
+        "help": " | ".join(runtimes.CHOICES) + " (auto: as mnist-ray infer picks it, so both give the same answer)"})
     save_preprocessed: str | None = field(default=None, metadata={
         "help": "a folder to save the 28x28 images the model saw (PNG, one per input)"})
 
@@ -35,13 +36,19 @@ def run(cfg: PredictConfig) -> dict:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise MnistRayError(f"no such file: {', '.join(missing)}")
+    if cfg.runtime not in runtimes.CHOICES:
+        raise MnistRayError(f"unknown runtime {cfg.runtime!r}: choose one of {', '.join(runtimes.CHOICES)}")
     local, metadata = export.open_model_dir(cfg.model)
+    if cfg.runtime == runtimes.AUTO:
+        runtime, reason = runtimes.resolve(local, on_gpu=runtimes.local_gpu(), metadata=metadata)
+    else:
+        runtime, reason = cfg.runtime, f"--runtime {cfg.runtime}"
     images = []
     for f in files:
         with open(f, "rb") as fh:
             images.append(fh.read())
     pixels, errors = preprocess.prepare_batch(images)
-    probs = runtimes.load(local, cfg.runtime)(pixels)
+    probs = runtimes.load(local, runtime)(pixels)
     classes = metadata["class_names"]
     if cfg.save_preprocessed:
         from PIL import Image
@@ -63,4 +70,4 @@ def run(cfg: PredictConfig) -> dict:
             Image.fromarray((pixels[i, :, :, 0] * 255).round().astype(np.uint8)).save(seen)
             result["preprocessed"] = seen
         results.append(result)
-    return {"model_version": metadata["version"], "runtime": cfg.runtime, "results": results}
+    return {"model_version": metadata["version"], "runtime": runtime, "runtime_reason": reason, "results": results}

@@ -1,12 +1,16 @@
 """Batched model runtimes over a model dir: the Keras model (TensorFlow) and its TFLite variants.
 
 Each runtime is a callable: float32 images (N, 28, 28, 1) -> float32 probabilities (N, 10).
-Used by the export table, by inference actors, and by the benchmarks.
+Used by the export table, by inference actors, and by the benchmarks. ``resolve`` picks the
+runtime of ``--runtime auto`` for every consumer (infer, predict, a server), so one image gets
+the same answer everywhere by default.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import numpy as np
 
@@ -21,6 +25,13 @@ RUNTIME_FILES = {
     "tflite-dynamic": "tflite/dynamic.tflite",
     "tflite-int8": "tflite/int8.tflite",
 }
+AUTO = "auto"
+CHOICES = (AUTO, *RUNTIME_FILES)
+# --runtime auto takes a TFLite variant on CPU only if its top-1 prediction equals the float
+# model's on at least this share of at least this many images, measured at export (export.py).
+MIN_AGREEMENT = 0.995
+MIN_AGREEMENT_IMAGES = 5000
+FULL_INTEGER = "tflite-int8"
 
 
 class KerasRuntime:
@@ -52,7 +63,7 @@ class TFLiteRuntime:
         self.interpreter = Interpreter(model_path=path, num_threads=num_threads or os.cpu_count())
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
-        self._batch = 0
+        self.allocated_batch = 0  # the batch size the interpreter is allocated for
         self._lut = None
 
     def _allocate(self, batch: int) -> None:
@@ -60,7 +71,7 @@ class TFLiteRuntime:
         self.interpreter.allocate_tensors()
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
-        self._batch = batch
+        self.allocated_batch = batch
 
     def predict_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, 28, 28) -> probabilities. A full-integer model's input is quantized with a
@@ -83,7 +94,7 @@ class TFLiteRuntime:
     def _run(self, x: np.ndarray) -> np.ndarray:
         """Model-typed input (N, 28, 28, 1) -> float32 probabilities."""
         n = len(x)
-        if n != self._batch:
+        if n != self.allocated_batch:
             self._allocate(n)
         self.interpreter.set_tensor(self._input["index"], x)
         self.interpreter.invoke()
@@ -121,3 +132,45 @@ def load(model_dir: str, runtime: str = "tf", num_threads: int | None = None):
 def predict_batched(runtime, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     return np.concatenate([runtime(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]) \
         if len(images) else np.zeros((0, 10), np.float32)
+
+
+def resolve(model_dir: str, on_gpu: bool, metadata: dict | None = None) -> tuple[str, str]:
+    """The runtime of ``--runtime auto`` for a local model dir, and why.
+
+    On a GPU: the TF runtime (TFLite runs on the CPU). On CPU: the full-integer TFLite model if
+    its top-1 agreement with the float model, measured at export on at least 5,000 images, is
+    at least 99.5 %; else the fastest variant (images/s at export) that agrees that well; else tf.
+    """
+    if on_gpu:
+        return "tf", "GPU actors: TensorFlow runs the model on the GPU, TFLite would not"
+    if metadata is None:
+        with open(os.path.join(model_dir, "metadata.json")) as f:
+            metadata = json.load(f)
+    agreement = metadata.get("agreement")
+    if not agreement:
+        return "tf", "the model dir records no TFLite agreement (exported before it was measured): re-export it"
+    images = agreement.get("images", 0)
+    if images < MIN_AGREEMENT_IMAGES:
+        return "tf", f"TFLite agreement was measured on {images:,} images, fewer than {MIN_AGREEMENT_IMAGES:,}"
+    top1 = {name: share for name, share in agreement.get("top1", {}).items()
+            if name in RUNTIME_FILES and name != "tf" and os.path.exists(os.path.join(model_dir, RUNTIME_FILES[name]))}
+    good = {name: share for name, share in top1.items() if share >= MIN_AGREEMENT}
+    on = f"of {images:,} images (>= {MIN_AGREEMENT:.1%})"
+    if FULL_INTEGER in good:
+        return FULL_INTEGER, f"full-integer TFLite agrees with the float model on {good[FULL_INTEGER]:.2%} {on}"
+    if not good:
+        return "tf", f"no TFLite variant agrees with the float model on {MIN_AGREEMENT:.1%} of {images:,} images"
+    speed = {name: metadata.get("variants", {}).get(name, {}).get("images_per_s", 0.0) for name in good}
+    fastest = max(good, key=lambda name: speed[name])
+    int8 = f"{FULL_INTEGER} agrees on {top1[FULL_INTEGER]:.2%}" if FULL_INTEGER in top1 else f"no {FULL_INTEGER}"
+    return fastest, f"{int8}; {fastest} is the fastest variant that agrees: {good[fastest]:.2%} {on}"
+
+
+def local_gpu() -> bool:
+    """Whether this process can run TensorFlow on a GPU (TensorFlow is imported only when an
+    NVIDIA driver is installed, so a CPU machine answers at once)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mnist_ray import preprocess, storage
+from mnist_ray import compat, preprocess, storage
 
 SCHEMA_VERSION = 2
 PIXEL_BYTES = preprocess.MODEL_SIZE * preprocess.MODEL_SIZE
@@ -192,16 +192,15 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | None = None,
-                 blocks_per_file: int | None = None):
+                 few_blocks: bool = False):
     """The dataset as a streaming Ray Dataset over exactly the files the manifest lists.
 
-    ``blocks_per_file`` overrides Ray's own choice (it splits a few large files into at least
-    200 blocks: thousands of rows each become a few dozen after a filter, see infer).
+    ``few_blocks``: a few blocks per file rather than Ray's own split (``compat.parquet_read_blocks``).
     """
     import ray
 
     loc, manifest = open_shards(uri)
     paths = shard_paths(loc, manifest)
-    blocks = {"override_num_blocks": max(1, len(paths) * blocks_per_file)} if blocks_per_file else {}
+    blocks = {"override_num_blocks": compat.parquet_read_blocks(len(paths))} if few_blocks else {}
     return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, num_cpus=num_cpus,
                                  **blocks)

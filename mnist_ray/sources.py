@@ -19,7 +19,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import datasets, shards, storage
+from mnist_ray import compat, datasets, shards, storage
 from mnist_ray.errors import MnistRayError
 
 SAMPLE_ROWS = 8
@@ -65,10 +65,6 @@ class ShardSource(Source):
     """Image shards (``mnist-ray prepare``): only the files the manifest lists."""
 
     kind, resume_key = "shards", "id"
-    # Blocks of whole row groups: Ray's default split of a few files into >= 200 blocks left a
-    # resumed run's checkpoint filter emitting blocks of a few dozen rows, one model call each
-    # (459 images/s instead of thousands).
-    BLOCKS_PER_FILE = 4
 
     def __init__(self, uri: str):
         self.loc, self.manifest = shards.open_shards(uri)
@@ -111,18 +107,8 @@ class ShardSource(Source):
         return ids
 
     def dataset(self, read_cpus: float):
-        import ray
-
-        # The V1 Parquet read: V2 adds a ListFiles task that reserves a whole CPU with no way to
-        # ask for less, and beside the checkpoint filter and predictor actors of a resumed run
-        # on a 2-CPU node it never gets one (the job hangs).
-        context = ray.data.DataContext.get_current()
-        v2, context.use_datasource_v2 = context.use_datasource_v2, False
-        try:
-            return shards.read_dataset(self.uri, columns=self.columns(), num_cpus=read_cpus,
-                                       blocks_per_file=self.BLOCKS_PER_FILE)
-        finally:
-            context.use_datasource_v2 = v2
+        with compat.parquet_datasource_v1():  # V2's file listing task takes a whole CPU
+            return shards.read_dataset(self.uri, columns=self.columns(), num_cpus=read_cpus, few_blocks=True)
 
 
 class ImageFolderSource(Source):

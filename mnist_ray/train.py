@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import cluster, models, preprocess, shards, storage
+from mnist_ray import cluster, compat, models, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool):
                           fn_kwargs={"keep": keep, "val_split": val_split, "holdout": holdout})
 
 
-def _check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
+def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
     """Train splits, whether val is held out of train, and the number of training rows."""
     splits = manifest["splits"]
     train_splits = [s.strip() for s in cfg.train_splits.split(",") if s.strip()]
@@ -149,12 +149,12 @@ def _check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]
 
 
 MIN_CPUS_PER_WORKER = 0.25
-DATA_CPU_RESERVE = 0.5
 
 
-def _cpus_per_worker(cfg: TrainConfig) -> float:
-    """CPUs per worker: 1, or less on a small cluster so Ray Data's tasks keep half a CPU
-    (ray-project/ray#44687). Fails in seconds when the workers can never be placed."""
+def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
+    """CPUs per worker: 1, or less on a small cluster so Ray Data's tasks keep their reserve
+    (``compat.data_cpu_reserve``) and ``reserved`` CPUs held elsewhere (a Tune trial's) stay free.
+    Fails in seconds when the workers can never be placed."""
     import ray
 
     resources = ray.cluster_resources()
@@ -162,15 +162,16 @@ def _cpus_per_worker(cfg: TrainConfig) -> float:
     if cfg.use_gpu and cfg.workers > resources.get("GPU", 0):
         raise MnistRayError(f"{cfg.workers} GPU workers need {cfg.workers} GPUs but the cluster has "
                             f"{resources.get('GPU', 0):g}: lower --workers or drop --use-gpu")
+    keep = compat.data_cpu_reserve() + reserved
     if cfg.cpus_per_worker is not None:
         need = cfg.cpus_per_worker
     else:
-        need = min(1.0, math.floor((total - DATA_CPU_RESERVE) / cfg.workers * 20) / 20)
+        need = min(1.0, math.floor((total - keep) / cfg.workers * 20) / 20)
         need = max(need, MIN_CPUS_PER_WORKER)
-    if need * cfg.workers + DATA_CPU_RESERVE > total:
+    if need * cfg.workers + keep > total:
         raise MnistRayError(
             f"{cfg.workers} workers need {need * cfg.workers:g} CPUs ({need:g} each) plus "
-            f"{DATA_CPU_RESERVE:g} for data tasks, but the cluster has {total:g} CPUs: lower --workers "
+            f"{keep:g} for data tasks, but the cluster has {total:g} CPUs: lower --workers "
             "or --cpus-per-worker, or add nodes")
     return need
 
@@ -434,14 +435,14 @@ def run(cfg: TrainConfig) -> dict:
     cfg = cfg.resolved()
     cfg.validate()
     _, manifest = shards.open_shards(cfg.data)
-    train_splits, holdout, train_rows = _check_data(cfg, manifest)
+    train_splits, holdout, train_rows = check_data(cfg, manifest)
     from mnist_ray import export
 
     export.check_output(cfg.output, overwrite=cfg.overwrite)
     name = cfg.run_name(manifest["fingerprint"])
     run_loc = _prepare_run_storage(cfg, name)
     cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
-    cpus = _cpus_per_worker(cfg)
+    cpus = cpus_per_worker(cfg)
 
     import ray.train
 

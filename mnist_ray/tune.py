@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import posixpath
 import shutil
@@ -39,7 +38,7 @@ from typing import ClassVar
 
 import pyarrow.fs as pafs
 
-from mnist_ray import cluster, models, shards, storage, train
+from mnist_ray import cluster, compat, models, shards, storage, train
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ DEFAULT_SPACE = {
     "width": [0.5, 1.0, 1.5],
 }
 # The trial itself only waits on its Ray Train run; its share keeps a CPU's worth for the
-# training worker plus the half CPU Ray Data keeps (train.DATA_CPU_RESERVE) on 2 CPUs.
+# training worker plus Ray Data's reserve (compat.data_cpu_reserve, half a CPU) on 2 CPUs.
 TRIAL_CPU = 0.25
 RESULT_FIELDS = ("rank", "trial_id", *SPACE_KEYS, "best_val_accuracy", "best_epoch", "epochs", "seconds",
                  "status", "error")
@@ -303,17 +302,6 @@ def plot_trials(path: str, rows: list[dict], histories: dict) -> None:
 
 # --- driver ----------------------------------------------------------------------------------
 
-def _cpus_per_worker(cfg: TuneConfig, train_cfg: train.TrainConfig) -> float:
-    """Up to 1 CPU per worker, leaving the trial's share and Ray Data's half CPU free."""
-    import ray
-
-    if cfg.cpus_per_worker is None:
-        total = ray.cluster_resources().get("CPU", 0)
-        need = math.floor((total - train.DATA_CPU_RESERVE - TRIAL_CPU) / cfg.workers * 20) / 20
-        train_cfg = dataclasses.replace(train_cfg, cpus_per_worker=max(train.MIN_CPUS_PER_WORKER, min(1.0, need)))
-    return train._cpus_per_worker(train_cfg)  # fails in seconds when the workers can never be placed
-
-
 def _experiment(cfg: TuneConfig, name: str) -> tuple[storage.Location, bool]:
     """The storage of the Tune experiment; whether an earlier run of it can be restored."""
     from ray import tune
@@ -339,20 +327,19 @@ def run(cfg: TuneConfig) -> dict:
     space = parse_space(cfg)
     _, manifest = shards.open_shards(cfg.data)
     base = cfg.train_config(model=_values(space["model"])[0]).resolved()
-    train_splits, holdout, train_rows = train._check_data(base, manifest)
+    train_splits, holdout, train_rows = train.check_data(base, manifest)
     out_loc = storage.prepare_directory_output(cfg.output, overwrite=cfg.overwrite, marker="results.json",
                                                what="search results dir")
     name = cfg.experiment_name(manifest["fingerprint"], space)
     cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
     loc, restore = _experiment(cfg, name)
-    cpus = _cpus_per_worker(cfg, base)
+    # Up to 1 CPU per worker, leaving the trial's share and Ray Data's reserve free.
+    cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
 
     import ray.tune
     from optuna.samplers import TPESampler
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
-
-    from mnist_ray.tune_callbacks import ReleaseTrainWorkers
 
     # Tune saves the experiment state at most every 10 s by default: a search killed in that
     # window would forget a finished trial and run it again.
@@ -394,7 +381,7 @@ def run(cfg: TuneConfig) -> dict:
                 # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
                 # and its Ray Train run continues from the last epoch checkpoint.
                 failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=[ReleaseTrainWorkers({"CPU": cpus}, cfg.workers)]),
+                callbacks=[compat.release_stopped_trial_workers({"CPU": cpus}, cfg.workers)]),
         )
     results = tuner.fit()
     search_seconds = time.perf_counter() - started

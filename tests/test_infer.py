@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mnist_ray import cluster, infer, predictions, preprocess, runtimes, shards, sources
+from mnist_ray import cluster, infer, predictions, preprocess, runtimes, shards
 from mnist_ray.errors import MnistRayError
 from mnist_ray.infer import InferConfig, run
 
@@ -216,24 +216,6 @@ def test_work_dirs_differ_by_input_model_runtime_and_the_run_they_replace(tmp_pa
     assert infer.work_dir(loc, "sha256:a", "m-1", "tf") != base
 
 
-def test_the_resume_filter_matches_files_by_uri(ray_local, tmp_path):
-    """Raw files are checkpointed by the URI written (s3://b/k); Ray's read yields b/k."""
-    import ray
-
-    from mnist_ray import storage
-
-    config = infer.checkpoint_config(storage.resolve(str(tmp_path)), "run-0", "path", "s3://")
-    done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
-    keep = config.checkpoint_filter_cls(config, done).filter_rows_for_block(
-        pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]}))
-    assert keep["path"].to_pylist() == ["b/x/2.png"] and keep["bytes"].to_pylist() == [b"2"]
-    # Local files: the written path is the reader's path, Ray's own comparison applies.
-    local = infer.checkpoint_config(storage.resolve(str(tmp_path)), "run-0", "path", "")
-    keep = local.checkpoint_filter_cls(local, ray.put(np.array(["/d/1.png"], dtype=object))).filter_rows_for_block(
-        pa.table({"path": ["/d/1.png", "/d/2.png"]}))
-    assert keep["path"].to_pylist() == ["/d/2.png"]
-
-
 def _scored_some(process) -> bool:
     """The actor has been busy for a moment (its model is loaded and batches are flowing)."""
     try:
@@ -297,3 +279,27 @@ def test_shards_without_pixels_schema_1_give_the_same_predictions(trained_model,
     assert a["prediction"].equals(b["prediction"])
     np.testing.assert_allclose(np.array(a["probabilities"].to_pylist()), np.array(b["probabilities"].to_pylist()),
                                atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_runtime_auto_is_planned_once_and_recorded(trained_model, small_shards, tmp_path):
+    """The default runtime: tf for this small model dir (its agreement was measured on fewer
+    than 5,000 images); the full-integer model once the model dir records enough agreement."""
+    import shutil
+
+    model_dir, _ = trained_model
+    summary = run(InferConfig(model=model_dir, input=small_shards, output=str(tmp_path / "p1")))
+    assert summary["runtime"] == "tf" and "fewer than 5,000" in summary["runtime_reason"]
+    agreeing = tmp_path / "agreeing"
+    shutil.copytree(model_dir, agreeing)
+    metadata = json.loads((agreeing / "metadata.json").read_text())
+    metadata["agreement"].update(images=5000, top1={**metadata["agreement"]["top1"], "tflite-int8": 0.998})
+    (agreeing / "metadata.json").write_text(json.dumps(metadata))
+    out = tmp_path / "p2"
+    summary = run(InferConfig(model=str(agreeing), input=small_shards, output=str(out)))
+    assert summary["runtime"] == "tflite-int8" and "99.80%" in summary["runtime_reason"]
+    assert summary["batch_size"] == 1024 and summary["errors"] == 0
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["plan"]["runtime"] == manifest["model"]["runtime"] == "tflite-int8"
+    assert manifest["plan"]["batch_size"] == 1024 and manifest["plan"]["runtime_reason"] == summary["runtime_reason"]
+    assert manifest["config"]["runtime"] == "auto"

@@ -1,7 +1,10 @@
 """The plan of an inference run, without Ray: the cluster's resources are an argument."""
 
+import json
+
 import pytest
 
+from mnist_ray import compat, runtimes
 from mnist_ray import plan as planning
 from mnist_ray.errors import MnistRayError
 from mnist_ray.infer import InferConfig
@@ -9,8 +12,20 @@ from mnist_ray.infer import InferConfig
 CPU2 = {"CPU": 2.0}
 
 
-def _pool(cfg: InferConfig, resources: dict, resuming: bool = False) -> tuple:
-    p = planning.make(cfg, resources, "unused-model-dir", resumed_rows=lambda runtime: 7 if resuming else 0)
+@pytest.fixture
+def model_dir(tmp_path) -> str:
+    """What the plan reads of a model dir: its variant files and the agreement measured at export."""
+    for rel in runtimes.RUNTIME_FILES.values():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "metadata.json").write_text(json.dumps({
+        "variants": {}, "agreement": {"reference": "tf", "images": 5000,
+                                      "top1": {name: 0.999 for name in runtimes.RUNTIME_FILES if name != "tf"}}}))
+    return str(tmp_path)
+
+
+def _pool(cfg: InferConfig, resources: dict, model_dir: str, resuming: bool = False) -> tuple:
+    p = planning.make(cfg, resources, model_dir, resumed_rows=lambda runtime: 7 if resuming else 0)
     return p.actors_min, p.actors_max, p.gpus_per_actor, p.cpus_per_actor
 
 
@@ -25,32 +40,32 @@ def test_config_checks():
         InferConfig(batch_size=0).validate()
 
 
-def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu():
-    assert _pool(InferConfig(), CPU2) == (1, 1, 0.0, 1.0)  # the default leaves a CPU to read
+def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(model_dir):
+    assert _pool(InferConfig(), CPU2, model_dir) == (1, 1, 0.0, 1.0)  # the default leaves a CPU to read
     # Resuming: Ray's checkpoint filter actor takes a CPU, so the predictor reserves less.
-    assert _pool(InferConfig(), CPU2, resuming=True) == (1, 1, 0.0, 0.5)
+    assert _pool(InferConfig(), CPU2, model_dir, resuming=True) == (1, 1, 0.0, 0.5)
     with pytest.raises(MnistRayError, match="starve"):
-        _pool(InferConfig(actors="2"), CPU2)
-    assert _pool(InferConfig(gpus_per_actor=0.5), CPU2)[2] == 0.0  # no GPU: runs on CPU
+        _pool(InferConfig(actors="2"), CPU2, model_dir)
+    assert _pool(InferConfig(gpus_per_actor=0.5), CPU2, model_dir)[2] == 0.0  # no GPU: runs on CPU
     with pytest.raises(MnistRayError, match="no GPU"):
-        _pool(InferConfig(gpus_per_actor=1, require_gpu=True), CPU2)
+        _pool(InferConfig(gpus_per_actor=1, require_gpu=True), CPU2, model_dir)
     # A cluster scaled to zero (autoscaling from a CPU-0 head): the flags stand, GPUs may come.
-    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), {"memory": 1e9}) == (1, 8, 1, 0.5)
-    assert _pool(InferConfig(actors="2", gpus_per_actor=0.5), {"CPU": 2.0, "GPU": 1.0}) == (2, 2, 0.5, 0.5)
+    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), {"memory": 1e9}, model_dir) == (1, 8, 1, 0.5)
+    assert _pool(InferConfig(actors="2", gpus_per_actor=0.5), {"CPU": 2.0, "GPU": 1.0}, model_dir) == (2, 2, 0.5, 0.5)
 
 
 def test_the_plan_records_batch_size_tasks_and_read_ahead():
     p = planning.make(InferConfig(runtime="tflite-int8"), {"CPU": 8.0}, "unused")
     assert p.batch_size == 1024 and p.runtime == "tflite-int8"
-    assert planning.make(InferConfig(), {"CPU": 8.0}, "unused").batch_size == 4096
-    assert planning.make(InferConfig(batch_size=64), {"CPU": 8.0}, "unused").batch_size == 64
+    assert planning.make(InferConfig(runtime="tf"), {"CPU": 8.0}, "unused").batch_size == 4096
+    assert planning.make(InferConfig(runtime="tf", batch_size=64), {"CPU": 8.0}, "unused").batch_size == 64
     # prepare_rows asks for the actor's CPUs (fused into it); beside a GPU actor, a task's share.
-    assert p.prepare_cpus == p.cpus_per_actor == 1.0 and p.read_cpus == p.write_cpus == planning.IO_CPUS
-    gpu = planning.make(InferConfig(gpus_per_actor=1), {"CPU": 8.0, "GPU": 1.0}, "unused")
-    assert gpu.on_gpu and gpu.prepare_cpus == planning.IO_CPUS and gpu.cpus_per_actor == 0.5
+    assert p.prepare_cpus == p.cpus_per_actor == 1.0 and p.read_cpus == p.write_cpus == compat.IO_TASK_CPUS
+    gpu = planning.make(InferConfig(runtime="tf", gpus_per_actor=1), {"CPU": 8.0, "GPU": 1.0}, "unused")
+    assert gpu.on_gpu and gpu.prepare_cpus == compat.IO_TASK_CPUS and gpu.cpus_per_actor == 0.5
     # Read-ahead: flat in the input's size, a few blocks per actor.
     assert p.read_ahead_bytes == planning.READ_AHEAD_BYTES_MIN
-    big = planning.make(InferConfig(actors="1..6"), {"CPU": 8.0}, "unused")
+    big = planning.make(InferConfig(runtime="tf", actors="1..6"), {"CPU": 8.0}, "unused")
     assert big.read_ahead_bytes == 6 * planning.READ_AHEAD_BYTES_PER_ACTOR
     assert p.as_dict()["batch_size"] == 1024 and "tflite-int8" in p.describe()
 
@@ -60,3 +75,17 @@ def test_resumed_rows_are_looked_up_for_the_planned_runtime():
     p = planning.make(InferConfig(runtime="tflite-fp16"), {"CPU": 4.0}, "unused",
                       resumed_rows=lambda runtime: seen.append(runtime) or 42)
     assert seen == ["tflite-fp16"] and p.resumed_rows == 42 and "resuming after 42 rows" in p.describe()
+
+
+def test_runtime_auto_is_the_default_and_follows_where_the_actors_run(model_dir):
+    assert InferConfig().runtime == "auto"
+    cpu = planning.make(InferConfig(), CPU2, model_dir)
+    assert cpu.runtime == "tflite-int8" and "99.90%" in cpu.runtime_reason and cpu.batch_size == 1024
+    gpu = planning.make(InferConfig(gpus_per_actor=1), {"CPU": 2.0, "GPU": 1.0}, model_dir)
+    assert gpu.runtime == "tf" and "GPU" in gpu.runtime_reason and gpu.batch_size == 4096
+    # GPUs asked for but none there: the actors run on CPU, and so does the choice.
+    fallback = planning.make(InferConfig(gpus_per_actor=1), CPU2, model_dir)
+    assert not fallback.on_gpu and fallback.runtime == "tflite-int8"
+    given = planning.make(InferConfig(runtime="tflite-fp32"), CPU2, model_dir)
+    assert given.runtime == "tflite-fp32" and given.runtime_reason == "--runtime tflite-fp32"
+    assert "tflite-int8" in cpu.describe() and cpu.as_dict()["runtime_reason"] == cpu.runtime_reason

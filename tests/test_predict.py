@@ -36,6 +36,8 @@ def test_predict_prints_class_and_percentages_and_saves_what_the_model_saw(train
     assert first["prediction"] == str(labels[0]) and second["prediction"] == str(labels[1])
     assert abs(sum(first["percentages"].values()) - 100) < 0.1 and len(first["percentages"]) == 10
     assert "error" in broken
+    # --runtime auto, as infer resolves it: tf here (agreement on fewer than 5,000 images).
+    assert out["runtime"] == "tf" and "fewer than 5,000" in out["runtime_reason"]
     seen = Image.open(second["preprocessed"])
     assert seen.size == (28, 28) and np.asarray(seen).mean() < 80  # white digit on black, like MNIST
 
@@ -47,3 +49,22 @@ def test_predict_bad_input(trained_model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mnist_ray.cli", "predict", "--model", model_dir],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "IMAGE" in proc.stderr  # the files are required
+
+
+def test_predict_runtime_auto_gives_infers_choice(trained_model, files, tmp_path):
+    """The same resolver as infer: a model dir whose int8 model agrees gets the int8 runtime,
+    with the same top class as the float model for a clean digit."""
+    import json
+    import shutil
+
+    model_dir, _ = trained_model
+    d, labels = files
+    agreeing = tmp_path / "agreeing"
+    shutil.copytree(model_dir, agreeing)
+    metadata = json.loads((agreeing / "metadata.json").read_text())
+    metadata["agreement"].update(images=5000, top1={**metadata["agreement"]["top1"], "tflite-int8": 0.999})
+    (agreeing / "metadata.json").write_text(json.dumps(metadata))
+    out = run(PredictConfig(images=(str(d / "digit.png"),), model=str(agreeing)))
+    assert out["runtime"] == "tflite-int8" and out["results"][0]["prediction"] == str(labels[0])
+    with pytest.raises(MnistRayError, match="unknown runtime"):
+        run(PredictConfig(images=(str(d / "digit.png"),), model=model_dir, runtime="onnx"))

@@ -1,4 +1,7 @@
-"""Every variant of an exported model dir loads and agrees with the Keras model."""
+"""Every variant of an exported model dir loads and agrees with the Keras model; the runtime
+`--runtime auto` picks, from what the model dir records (no Ray, no TensorFlow)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -7,7 +10,6 @@ from mnist_ray import cluster, preprocess, runtimes
 from mnist_ray.errors import MnistRayError
 
 cluster.configure_process_env()
-pytestmark = pytest.mark.e2e
 
 # Top-1 agreement with the Keras model on real MNIST test digits.
 AGREEMENT = {"tflite-fp32": 0.999, "tflite-fp16": 0.995, "tflite-dynamic": 0.98, "tflite-int8": 0.97}
@@ -19,6 +21,7 @@ def test_images(mnist_test_arrays):
     return preprocess.normalize(images[:1000]), labels[:1000]
 
 
+@pytest.mark.e2e
 def test_every_variant_agrees_with_the_keras_model(trained_model, test_images):
     model_dir, _ = trained_model
     x, _ = test_images
@@ -30,6 +33,7 @@ def test_every_variant_agrees_with_the_keras_model(trained_model, test_images):
         assert agreement >= threshold, f"{name}: {agreement:.4f} < {threshold}"
 
 
+@pytest.mark.e2e
 def test_the_saved_model_serves_the_same_probabilities(trained_model, test_images):
     import tensorflow as tf
 
@@ -40,6 +44,7 @@ def test_the_saved_model_serves_the_same_probabilities(trained_model, test_image
     np.testing.assert_allclose(served, runtimes.load(model_dir, "tf")(x[:64]), atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_tflite_runs_each_batch_at_its_own_size(trained_model, test_images):
     """No padding: a short batch (the end of every Ray block) is computed at its own size,
     with the same probabilities as inside a larger batch, and the next full batch still works."""
@@ -48,11 +53,12 @@ def test_tflite_runs_each_batch_at_its_own_size(trained_model, test_images):
     runtime = runtimes.load(model_dir, "tflite-int8")
     full = runtime(x[:256])
     short = runtime(x[:37])
-    assert runtime._batch == 37 and short.shape == (37, 10)
+    assert runtime.allocated_batch == 37 and short.shape == (37, 10)
     np.testing.assert_allclose(short, full[:37], atol=1e-6)
     np.testing.assert_allclose(runtime(x[:256]), full, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_unknown_or_missing_runtime_is_a_clear_error(trained_model, tmp_path):
     model_dir, _ = trained_model
     with pytest.raises(MnistRayError, match="unknown runtime"):
@@ -61,6 +67,7 @@ def test_unknown_or_missing_runtime_is_a_clear_error(trained_model, tmp_path):
         runtimes.load(str(tmp_path), "tflite-int8")
 
 
+@pytest.mark.e2e
 def test_pixels_in_gives_the_same_probabilities_as_floats_in(trained_model, mnist_test_arrays):
     """uint8 pixels go straight to every runtime; the int8 model's lookup table quantizes
     exactly as the float path does (bit-identical input, so identical output)."""
@@ -70,3 +77,63 @@ def test_pixels_in_gives_the_same_probabilities_as_floats_in(trained_model, mnis
         runtime = runtimes.load(model_dir, name)
         np.testing.assert_array_equal(runtimes.predict_pixels(runtime, pixels),
                                       runtime(preprocess.normalize(pixels)))
+
+
+# --- --runtime auto ---------------------------------------------------------------------------
+
+SPEED = {"tf": 13_500, "tflite-fp32": 16_200, "tflite-fp16": 16_400, "tflite-dynamic": 22_500, "tflite-int8": 52_700}
+
+
+def _model_dir(tmp_path, top1: dict | None, images: int = 5000, files=tuple(runtimes.RUNTIME_FILES)) -> str:
+    """A model dir as far as the resolver reads it: the variant files and metadata.json."""
+    for name in files:
+        path = tmp_path / runtimes.RUNTIME_FILES[name]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    metadata = {"variants": {name: {"images_per_s": SPEED[name]} for name in files}}
+    if top1 is not None:
+        metadata["agreement"] = {"reference": "tf", "images": images, "top1": top1}
+    (tmp_path / "metadata.json").write_text(json.dumps(metadata))
+    return str(tmp_path)
+
+
+AGREES = {"tflite-fp32": 1.0, "tflite-fp16": 1.0, "tflite-dynamic": 0.9992, "tflite-int8": 0.9978}
+
+
+def test_auto_takes_full_integer_on_cpu_when_it_agrees_and_tf_on_gpu(tmp_path):
+    model_dir = _model_dir(tmp_path, AGREES)
+    runtime, reason = runtimes.resolve(model_dir, on_gpu=False)
+    assert runtime == "tflite-int8" and "99.78%" in reason and "5,000 images" in reason
+    runtime, reason = runtimes.resolve(model_dir, on_gpu=True)
+    assert runtime == "tf" and "GPU" in reason
+
+
+def test_auto_takes_the_fastest_variant_that_agrees_when_int8_does_not(tmp_path):
+    runtime, reason = runtimes.resolve(_model_dir(tmp_path, {**AGREES, "tflite-int8": 0.9949}), on_gpu=False)
+    assert runtime == "tflite-dynamic" and "tflite-int8 agrees on 99.49%" in reason  # 22.5k beats fp16's 16.4k
+    runtime, _ = runtimes.resolve(_model_dir(tmp_path, {**AGREES, "tflite-int8": 0.99, "tflite-dynamic": 0.99}),
+                                  on_gpu=False)
+    assert runtime == "tflite-fp16"
+    exactly = runtimes.resolve(_model_dir(tmp_path, {**AGREES, "tflite-int8": 0.995}), on_gpu=False)
+    assert exactly[0] == "tflite-int8"  # 99.5 % is enough
+
+
+def test_auto_falls_back_to_tf_with_the_reason(tmp_path):
+    none_agree = {name: 0.98 for name in AGREES}
+    assert runtimes.resolve(_model_dir(tmp_path / "a", none_agree), on_gpu=False)[0] == "tf"
+    runtime, reason = runtimes.resolve(_model_dir(tmp_path / "b", None), on_gpu=False)
+    assert runtime == "tf" and "exported before" in reason  # model dirs from before the agreement
+    runtime, reason = runtimes.resolve(_model_dir(tmp_path / "c", AGREES, images=1200), on_gpu=False)
+    assert runtime == "tf" and "1,200 images" in reason
+    # A variant whose file is missing is never chosen.
+    runtime, _ = runtimes.resolve(_model_dir(tmp_path / "d", AGREES, files=("tf", "tflite-fp32")), on_gpu=False)
+    assert runtime == "tflite-fp32"
+    assert runtimes.resolve(_model_dir(tmp_path / "e", AGREES, files=("tf",)), on_gpu=False)[0] == "tf"
+
+
+def test_no_nvidia_driver_means_no_gpu_without_importing_tensorflow(monkeypatch):
+    import sys
+
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    assert runtimes.local_gpu() is False and "tensorflow" not in sys.modules

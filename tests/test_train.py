@@ -13,7 +13,7 @@ import pytest
 
 from mnist_ray import cluster, preprocess, shards
 from mnist_ray.errors import MnistRayError
-from mnist_ray.train import (HOLDOUT_BUCKETS, TrainConfig, WeightEMA, _check_data, assign_split,
+from mnist_ray.train import (HOLDOUT_BUCKETS, TrainConfig, WeightEMA, check_data, assign_split,
                              augment_batch, decode_for_training, run)
 
 cluster.configure_process_env()
@@ -79,10 +79,10 @@ def test_config_takes_the_models_defaults_and_names_runs_deterministically():
 def test_data_checks_catch_unlabelled_and_missing_splits():
     manifest = {"splits": {"train": {"rows": 10, "labels": {"1": 5, "none": 5}}}}
     with pytest.raises(MnistRayError, match="without labels"):
-        _check_data(TrainConfig(), manifest)
+        check_data(TrainConfig(), manifest)
     with pytest.raises(MnistRayError, match="no rows in split 'train'"):
-        _check_data(TrainConfig(), {"splits": {"test": {"rows": 10, "labels": {"1": 10}}}})
-    splits, holdout, rows = _check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
+        check_data(TrainConfig(), {"splits": {"test": {"rows": 10, "labels": {"1": 10}}}})
+    splits, holdout, rows = check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
     assert splits == ["train"] and holdout and rows == 90
 
 

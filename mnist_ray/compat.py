@@ -1,0 +1,160 @@
+"""The edges of Ray 2.60 and TensorFlow 2.21 that mnist-ray works around, one function each.
+
+Every entry names the upstream issue or behaviour and the version it was checked on; each has a
+test in tests/test_compat.py that probes that behaviour on the real library (what Ray requests,
+plans or warns; what Keras does) and fails when it changes, so an upgrade says which workaround
+to delete. Nothing here runs at import: Ray and TensorFlow are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+CHECKED_ON = {"ray": "2.60.0", "tensorflow": "2.21.0", "tf_keras": "2.21.0", "keras": "3.15.1"}
+
+
+def keras2_env() -> dict[str, str]:
+    """The environment that makes TensorFlow use tf-keras (Keras 2), for the driver and every worker.
+
+    Keras 3 fails ``model.fit`` under a multi-worker ``MultiWorkerMirroredStrategy`` ("Attempt to
+    convert a value (PerReplica...) with an unsupported type"); tf-keras works. Must be set before
+    TensorFlow is imported. Checked on TensorFlow 2.21.0, Keras 3.15.1, tf-keras 2.21.0.
+    """
+    return {"TF_USE_LEGACY_KERAS": "1"}
+
+
+# --- CPUs Ray Data's own tasks need (ray-project/ray#44687) -------------------------------------
+
+# Read and write tasks mostly wait on storage: a quarter of a CPU each.
+IO_TASK_CPUS = 0.25
+
+
+def checkpoint_filter_cpus() -> float:
+    """CPUs of Ray Data's checkpoint filter actor on a resumed run (``ray.data.checkpoint``).
+
+    Its operator passes only ``memory`` in its remote args, so each filter actor takes Ray's
+    default of 1 CPU, and no setting asks for less. Checked on Ray 2.60.0.
+    """
+    return 1.0
+
+
+def data_cpu_reserve(resuming: bool = False) -> float:
+    """CPUs an actor pool or a Ray Train worker group must leave free for Ray Data's tasks.
+
+    Ray Data starts an actor pool before any read task, so a pool (or training workers) that
+    takes every CPU leaves the reads none and the dataset hangs (ray-project/ray#44687, open;
+    seen here: ``ActorPoolStrategy(size=2)`` on 2 CPUs, no progress for 12 minutes). One read and
+    one write task at ``IO_TASK_CPUS``, and on a resumed run the checkpoint filter actor, must
+    fit beside it. Checked on Ray 2.60.0.
+    """
+    return 2 * IO_TASK_CPUS + (checkpoint_filter_cpus() if resuming else 0.0)
+
+
+# --- reading Parquet ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def parquet_datasource_v1():
+    """Plan ``ray.data.read_parquet`` calls inside this block with the V1 datasource.
+
+    The V2 datasource (Ray's default) lists files in a ``ListFiles`` task that reserves a whole
+    CPU whatever ``num_cpus`` the read asks for; beside the predictor and checkpoint filter
+    actors of a resumed run on a 2-CPU node it never gets one, and the job hangs. The plan is
+    fixed when ``read_parquet`` returns. Checked on Ray 2.60.0.
+    """
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = v2
+
+
+PARQUET_BLOCKS_PER_FILE = 4
+
+
+def parquet_read_blocks(files: int) -> int:
+    """``override_num_blocks`` for reading ``files`` Parquet shards: a few blocks per file.
+
+    Ray splits any read into at least ``DataContext.read_op_min_num_blocks`` (200) blocks: a
+    few large shards became blocks of a few hundred rows, and after a resumed run's checkpoint
+    filter a few dozen, one model call each (459 images/s instead of thousands). Checked on
+    Ray 2.60.0.
+    """
+    return max(1, files * PARQUET_BLOCKS_PER_FILE)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def write_task_args(cpus: float) -> dict:
+    """Keyword arguments that give ``Dataset.write_parquet``'s tasks ``cpus`` CPUs each.
+
+    Reads and maps take ``num_cpus=`` (their ``ray_remote_args`` is deprecated), but the writes
+    have no named argument: ``ray_remote_args`` is their only way, and not deprecated there.
+    Checked on Ray 2.60.0.
+    """
+    return {"ray_remote_args": {"num_cpus": cpus}}
+
+
+# --- resuming a job with Ray Data's checkpoint ----------------------------------------------------
+
+def uri_checkpoint_filter_cls(scheme: str):
+    """Ray Data's checkpoint filter for files checkpointed by URI (``s3://b/k``).
+
+    Files are resumed by the ``path`` column, which holds the file's URI when written, while the
+    rows right after the read (where the filter runs) hold the filesystem's path (``b/k``); Ray's
+    own filter compares them verbatim and would filter nothing. This one adds ``scheme`` first.
+    Checked on Ray 2.60.0 (``NumpyArrayBasedCheckpointFilter``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+
+    class UriCheckpointFilter(NumpyArrayBasedCheckpointFilter):
+        SCHEME = scheme
+
+        def filter_rows_for_block(self, block):
+            if not self.SCHEME or len(self.checkpointed_ids) == 0 or block.num_rows == 0:
+                return super().filter_rows_for_block(block)
+            if not hasattr(self, "done"):
+                self.done = pa.array(self.checkpointed_ids, pa.string())
+            uris = pc.binary_join_element_wise(self.SCHEME, block[self.id_column], "")
+            return block.filter(pc.invert(pc.is_in(uris, value_set=self.done)))
+
+    return UriCheckpointFilter
+
+
+# Ray's default of up to 10 filter actors x 1 GiB reserved is sized for big clusters.
+CHECKPOINT_FILTER_ACTORS = 2
+
+
+def checkpoint_config(id_column: str, path: str, filesystem, scheme: str = ""):
+    """Ray Data's ``CheckpointConfig`` for a job that writes under ``path``.
+
+    Kept after success (the driver publishes, then deletes it: a driver that dies between the
+    last write and publishing must not rescore everything), with the URI filter above and a
+    small filter pool. Ray applies it only to plans that run Read -> ... -> Write.
+    """
+    from ray.data.checkpoint import CheckpointConfig
+
+    config = CheckpointConfig(id_column=id_column, checkpoint_path=path, override_filesystem=filesystem,
+                              checkpoint_filter_cls=uri_checkpoint_filter_cls(scheme),
+                              delete_checkpoint_on_success=False)
+    config.checkpoint_actor_pool_max_size = CHECKPOINT_FILTER_ACTORS
+    return config
+
+
+# --- Ray Tune and Ray Train ---------------------------------------------------------------------
+
+def release_stopped_trial_workers(bundle: dict, workers: int):
+    """A Tune callback that frees the Ray Train workers of a trial Tune stopped.
+
+    ASHA ends a stopped trial's actor; its Train controller dies with it, but the workers'
+    placement group stays reserved: Ray Train's ``PlacementGroupCleaner`` asks the state API
+    (the dashboard) whether the controller lives, and a local Ray without a dashboard cannot
+    answer, so every later trial would wait for CPUs forever. Checked on Ray 2.60.0.
+    """
+    from mnist_ray.tune_callbacks import ReleaseTrainWorkers
+
+    return ReleaseTrainWorkers(bundle, workers)

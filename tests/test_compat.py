@@ -1,0 +1,252 @@
+"""A test per workaround in mnist_ray.compat, on the real Ray and TensorFlow: each probes the
+upstream behaviour it works around (what Ray requests, plans or warns; what Keras does) and
+fails when that behaviour changes, naming the workaround to revisit."""
+
+import inspect
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mnist_ray import cluster, compat, sources, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _physical_ops(ds) -> list:
+    """The operators Ray Data would run for ``ds`` (optimized physical plan), without running it."""
+    from ray.data._internal.logical.optimizers import LogicalOptimizer, PhysicalOptimizer
+    from ray.data._internal.planner import create_planner
+
+    plan, _ = create_planner().plan(LogicalOptimizer().optimize(ds._logical_plan))
+    ops, todo = [], [PhysicalOptimizer().optimize(plan).dag]
+    while todo:
+        op = todo.pop()
+        ops.append(op)
+        todo.extend(op.input_dependencies)
+    return ops
+
+
+def _cpus(op) -> float:
+    return op.incremental_resource_usage().cpu
+
+
+@pytest.fixture(scope="module")
+def parquet_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("compat") / "ids.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), path)
+    return str(path)
+
+
+def test_parquet_datasource_v2_lists_files_in_a_task_that_takes_a_whole_cpu(ray_local, parquet_file):
+    """compat.parquet_datasource_v1: V2's ListFiles ignores the read's num_cpus."""
+    import ray
+
+    v2 = {op.name: _cpus(op) for op in _physical_ops(ray.data.read_parquet([parquet_file], num_cpus=0.25))}
+    assert v2.get("ListFiles") == 1, f"V2's listing now asks for {v2}: drop compat.parquet_datasource_v1"
+    with compat.parquet_datasource_v1():
+        ds = ray.data.read_parquet([parquet_file], num_cpus=0.25)
+    assert ray.data.DataContext.get_current().use_datasource_v2  # restored
+    v1 = [(op.name, _cpus(op)) for op in _physical_ops(ds) if op.name != "Input"]
+    assert len(v1) == 1 and v1[0][0].startswith("ReadParquet") and v1[0][1] == 0.25
+
+
+def test_ray_splits_any_read_into_at_least_200_blocks(ray_local):
+    """compat.parquet_read_blocks: still needed while Ray's minimum is 200 blocks per read."""
+    import ray
+
+    assert ray.data.DataContext.get_current().read_op_min_num_blocks == 200
+    assert compat.parquet_read_blocks(3) == 3 * compat.PARQUET_BLOCKS_PER_FILE and compat.parquet_read_blocks(0) == 1
+
+
+def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_path):
+    """compat.checkpoint_filter_cpus and CHECKPOINT_FILTER_ACTORS: Ray's filter operator as planned
+    on a resumed run (a committed checkpoint file exists)."""
+    import ray
+    from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
+    from ray.data._internal.planner.checkpoint import create_checkpoint_filter_op
+
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "done.parquet")
+    context = ray.data.DataContext.get_current().copy()
+    context.checkpoint_config = compat.checkpoint_config("id", str(tmp_path), pafs.LocalFileSystem())
+    op = create_checkpoint_filter_op(InputDataBuffer(context, input_data=[]), context, None, None)
+    assert op.name == "CheckpointFilter"
+    low, high = op.min_max_resource_requirements()
+    assert low.cpu == compat.checkpoint_filter_cpus() == 1, f"the filter now asks for {low}"
+    assert high.cpu == compat.CHECKPOINT_FILTER_ACTORS * compat.checkpoint_filter_cpus()
+    assert low.memory == 2**30  # Ray's reservation per filter actor: why the pool is kept small
+    from ray.data.checkpoint import CheckpointConfig
+
+    assert CheckpointConfig.CHECKPOINT_ACTOR_POOL_MAX_SIZE == 10
+
+
+def test_rays_checkpoint_filter_compares_ids_verbatim_so_files_need_the_uri_filter(ray_local, tmp_path):
+    """compat.uri_checkpoint_filter_cls: raw files are checkpointed by the URI written
+    (s3://b/k) while Ray's read yields b/k; Ray's own filter drops none of them."""
+    import ray
+    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+
+    done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
+    block = pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]})
+    config = compat.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "s3://")
+    assert NumpyArrayBasedCheckpointFilter(config, done).filter_rows_for_block(block).num_rows == 3, \
+        "Ray now matches URIs itself: drop compat.uri_checkpoint_filter_cls"
+    keep = config.checkpoint_filter_cls(config, done).filter_rows_for_block(block)
+    assert keep["path"].to_pylist() == ["b/x/2.png"] and keep["bytes"].to_pylist() == [b"2"]
+    # Local files: the written path is the reader's path, Ray's own comparison applies.
+    local = compat.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "")
+    keep = local.checkpoint_filter_cls(local, ray.put(np.array(["/d/1.png"], dtype=object))).filter_rows_for_block(
+        pa.table({"path": ["/d/1.png", "/d/2.png"]}))
+    assert keep["path"].to_pylist() == ["/d/2.png"]
+    assert not hasattr(config, "path_scheme")  # nothing bolted onto Ray's config
+
+
+class _Identity:
+    def __call__(self, batch):
+        return batch
+
+
+def test_ray_plans_an_actor_pool_that_takes_every_cpu_without_a_word(ray_local, parquet_file):
+    """compat.data_cpu_reserve (ray-project/ray#44687): on a 2-CPU Ray, a pool of 2 one-CPU actors is
+    planned and started at full size before any read, with no error or warning; the issue
+    proposes refusing or warning about it. (Running it would hang; planning takes milliseconds.)"""
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = ray.data.read_parquet([parquet_file], num_cpus=0.25).map_batches(
+            _Identity, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
+        pool = next(op for op in _physical_ops(ds) if type(op).__name__ == "ActorPoolMapOperator")
+    assert ray.cluster_resources()["CPU"] == 2
+    assert pool.min_max_resource_requirements()[0].cpu == 2  # every CPU of the cluster
+    assert pool._actor_pool.initial_size() == 2  # started whole, at operator start
+    assert compat.data_cpu_reserve() == 2 * compat.IO_TASK_CPUS == 0.5
+    assert compat.data_cpu_reserve(resuming=True) == 0.5 + compat.checkpoint_filter_cpus()
+
+
+def test_write_parquet_takes_task_cpus_only_through_ray_remote_args():
+    """compat.write_task_args: reads and maps have a named num_cpus (their ray_remote_args is
+    deprecated); write_parquet has none, and its ray_remote_args is not deprecated."""
+    import ray
+
+    write = inspect.signature(ray.data.Dataset.write_parquet).parameters
+    assert "num_cpus" not in write and "ray_remote_args" in write, "write_parquet changed: revisit write_task_args"
+    assert "num_cpus" in inspect.signature(ray.data.read_parquet).parameters
+    assert "num_cpus" in inspect.signature(ray.data.Dataset.map_batches).parameters
+
+
+def test_no_deprecated_ray_arguments_in_the_jobs(ray_local, small_shards, tmp_path):
+    """Inference's dataset and write, and training's trainer, raise no Ray deprecation warning."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    from mnist_ray import infer, storage
+    from mnist_ray import plan as planning
+
+    cfg = infer.InferConfig(model="m", input=small_shards)
+    plan = planning.make(cfg, ray.cluster_resources(), "unused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        ds = infer.build_dataset(sources.open_source(small_shards), plan, "m", "v", progress=None)
+        ray.data.range(3).write_parquet(str(tmp_path / "w"), **compat.write_task_args(plan.write_cpus))
+        tcfg = train.TrainConfig(data=small_shards, model="cnn").resolved()
+        train.make_trainer(tcfg, train.loop_config(tcfg, 100, 1.0), {"train": ray.data.range(2)}, name="probe",
+                           run_loc=storage.resolve(str(tmp_path / "runs")))
+    assert ds is not None
+
+
+@pytest.fixture
+def ask_state_api():
+    """A task that asks Ray Train's question (is this actor alive?) from inside the cluster, as
+    Train's PlacementGroupCleaner does, of this test's own Ray: the exception's class, or None."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ask(actor_id: str, gcs_address: str):
+        os.environ["RAY_ADDRESS"] = gcs_address  # this Ray, not another one on the machine
+        from ray.train.v2._internal.state.util import is_actor_alive
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            is_actor_alive(actor_id=actor_id, timeout=5)
+        except RayStateApiException as e:
+            return type(e).__name__
+        return None
+
+    return lambda actor_id: ray.get(ask.remote(actor_id, ray.get_runtime_context().gcs_address))
+
+
+def test_train_cleans_up_placement_groups_through_the_state_api(ray_local, ask_state_api):
+    """compat.release_stopped_trial_workers: Ray Train's PlacementGroupCleaner asks the state API
+    whether the controller lives; a Ray without a dashboard cannot answer, and the cleaner then
+    waits forever instead of removing the workers' placement group."""
+    import ray
+    from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+    assert "is_actor_alive" in inspect.getsource(placement_group_cleaner), "Train's cleaner changed"
+    actor = ray.remote(num_cpus=0)(_Identity).remote()
+    try:
+        assert ask_state_api(actor._actor_id.hex()) is not None, \
+            "the state API answers without a dashboard: compat.release_stopped_trial_workers may go"
+    finally:
+        ray.kill(actor)
+    assert compat.release_stopped_trial_workers({"CPU": 1}, 2).workers == 2
+
+
+# --- TensorFlow: the Keras 2 switch -------------------------------------------------------------
+
+def test_the_runtime_env_file_sets_what_the_workers_get():
+    """jobs/runtime_env.yaml (for `ray job submit`) declares the same variables as cluster.runtime_env."""
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    workers = cluster.runtime_env()["env_vars"]
+    assert compat.keras2_env().items() <= env.items()
+    assert {k: v for k, v in workers.items() if k not in cluster.FORWARDED_ENV} == env
+
+
+MWMS_FIT = """
+import json, os, sys
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": sys.argv[2:4]}, "task": {"type": "worker", "index": int(sys.argv[1])}})
+import numpy as np, tensorflow as tf
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+with strategy.scope():
+    model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+data = tf.data.Dataset.from_tensor_slices((np.zeros((8, 4), "float32"), np.zeros(8, "int64"))).batch(4)
+try:
+    model.fit(data, epochs=1, verbose=0)
+    print("FIT OK")
+except ValueError as e:
+    print("FIT FAILED", str(e).splitlines()[0][:120])
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.e2e
+def test_keras_3_still_fails_under_two_worker_mirrored_strategy():
+    """compat.keras2_env: Keras 3 (TF_USE_LEGACY_KERAS=0) fails model.fit with 2 workers (~20 s)."""
+    peers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", MWMS_FIT, str(i), *peers], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all("FIT FAILED Attempt to convert a value (PerReplica" in o for o in outs), \
+        f"Keras 3 now trains under MultiWorkerMirroredStrategy ({outs}): compat.keras2_env may go"
