@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from mnist_ray import logs
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,8 @@ def configure_process_env() -> dict[str, str]:
     tf-keras (Keras 2) rather than Keras 3: Keras 3 fails under MultiWorkerMirroredStrategy.
     """
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ startup chatter hides real errors
-    env = {"TF_USE_LEGACY_KERAS": os.environ["TF_USE_LEGACY_KERAS"],
-           "TF_CPP_MIN_LOG_LEVEL": os.environ["TF_CPP_MIN_LOG_LEVEL"]}
+    logs.configure()  # the libraries' own log switches: quiet unless verbose
+    env = {"TF_USE_LEGACY_KERAS": os.environ["TF_USE_LEGACY_KERAS"], **logs.worker_env()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
 
@@ -107,6 +107,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", **kwargs)
+    logs.configure_ray_data()
     _warn_local_paths(address, paths)
 
 
