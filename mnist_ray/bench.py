@@ -395,7 +395,7 @@ def format_report(report: dict) -> str:
         lines.append(f"## {name}")
         lines.append("")
         if mi:
-            lines.append(f"(a) naive loop (seed 000: Pillow one by one, predict batch 32): "
+            lines.append(f"(a) naive loop (Pillow one by one, predict batch 32): "
                          f"**{mi['naive_images_per_s']:,} images/s**; (b) compiled forward pass (batch "
                          f"{mi['batch_sizes']['tf']}, decoded tensors): **{mi['ceiling_images_per_s']:,} images/s**")
             lines.append("")
