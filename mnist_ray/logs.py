@@ -38,6 +38,7 @@ import pyarrow.fs as pafs
 VERBOSE_ENV = "MNIST_RAY_VERBOSE"
 PROGRESS_EVERY_S = 20.0  # a plain progress line this often (logs, CI); a terminal gets a bar
 BAR_EVERY_S = 0.5
+POLL_EVERY_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +234,17 @@ class _Heartbeat(threading.Thread):
         self.label, self.progress, self.stopped = label, progress, threading.Event()
         self.console = _current.console if _current is not None and _current.is_tty else None
         self.started = time.time()
+        self.polled, self.state = 0.0, None  # progress() may read storage: not at every redraw
 
     def line(self) -> str:
         elapsed = time.time() - self.started
-        try:
-            state = self.progress() if self.progress else None
-        except Exception:  # noqa: BLE001 - progress must never break the job
-            state = None
+        if self.progress and time.time() - self.polled >= POLL_EVERY_S:
+            self.polled = time.time()
+            try:
+                self.state = self.progress()
+            except Exception:  # noqa: BLE001 - progress must never break the job
+                self.state = None
+        state = self.state
         if not state:
             return f"{self.label} running, {_duration(elapsed)}"
         done, total, unit = state
