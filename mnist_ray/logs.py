@@ -189,7 +189,8 @@ def _keep(path: str, uri: str | None, error: BaseException | None) -> None:
         loc = storage.resolve(output) if output is not None else None
         if loc is not None and loc.fs.get_file_info(loc.path).type == pafs.FileType.Directory:
             logs_dir = storage.resolve(posixpath.dirname(uri))
-            logs_dir.fs.create_dir(logs_dir.path, recursive=True)
+            if logs_dir.is_local:  # object storage has no directories (create_dir adds a marker)
+                logs_dir.fs.create_dir(logs_dir.path, recursive=True)
             with open(path, "rb") as f:
                 storage.write_bytes(logs_dir, posixpath.basename(uri), f.read())
             os.remove(path)

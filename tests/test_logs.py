@@ -109,3 +109,21 @@ def test_progress_lines_give_rate_and_eta():
     line = beat.line()
     assert line.startswith("pipeline: train 1/4 epochs, 30 s, 30 s/epoch, ETA 1m30s"), line
     assert logs._Heartbeat("pipeline: infer", None).line().startswith("pipeline: infer running, ")
+
+
+def test_on_object_storage_the_log_is_uploaded_into_the_output(s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.put_object(Bucket=s3_bucket, Key="out/_SUCCESS", Body=b"")  # an output the command wrote
+    proc = _run(f"""
+        import logging
+        from mnist_ray import logs
+        logging.getLogger("mnist_ray").setLevel(logging.INFO)
+        with logs.run_log("demo", "s3://{s3_bucket}/out"):
+            logging.getLogger("mnist_ray.demo").info("uploaded at the end")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/_logs/")["Contents"]]
+    assert len(keys) == 1 and keys[0].startswith("out/_logs/demo-")
+    assert b"uploaded at the end" in s3.get_object(Bucket=s3_bucket, Key=keys[0])["Body"].read()
