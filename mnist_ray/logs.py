@@ -36,7 +36,7 @@ from typing import Callable, Iterator, TextIO
 import pyarrow.fs as pafs
 
 VERBOSE_ENV = "MNIST_RAY_VERBOSE"
-PROGRESS_EVERY_S = 20.0  # a plain progress line this often (logs, CI); a terminal gets a bar
+PROGRESS_EVERY_S = 30.0  # a plain progress line this often (logs, CI); a terminal gets a bar
 BAR_EVERY_S = 0.5
 POLL_EVERY_S = 5.0
 
