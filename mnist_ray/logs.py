@@ -278,9 +278,14 @@ class _Heartbeat(threading.Thread):
 
 
 @contextlib.contextmanager
-def stage(label: str, progress: Callable[[], tuple[int, int, str] | None] | None = None) -> Iterator[None]:
-    """Progress of one long step: ``progress()`` gives (done, total, unit) when it knows."""
+def stage(label: str, progress: Callable[[], tuple[int, int, str] | None] | None = None, *,
+          lines: bool = True) -> Iterator[None]:
+    """Progress of one long step: ``progress()`` gives (done, total, unit) when it knows.
+    ``lines=False``: the step prints its own progress lines, so only a terminal gets a bar."""
     beat = _Heartbeat(label, progress)
+    if not lines and beat.console is None:
+        yield
+        return
     beat.start()
     try:
         yield

@@ -151,7 +151,7 @@ def run(cfg: PipelineConfig) -> dict:
     upstream = ""  # the build ids of everything before the current stage
 
     def stage(name: str, output: str, doc_name: str, settings: dict, job: Callable[[], dict],
-              progress=None) -> dict:
+              progress=None, lines: bool = True) -> dict:
         nonlocal upstream
         key = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True)
         doc = _read_json(output, doc_name)
@@ -165,7 +165,7 @@ def run(cfg: PipelineConfig) -> dict:
                    else "replaced by hand" if recorded.get("key") == key else "inputs changed")
             log.info("pipeline: %-12s running (%s) -> %s", name, why, output)
             t0 = time.perf_counter()
-            with logs.stage(f"pipeline: {name:<12}", progress):
+            with logs.stage(f"pipeline: {name:<12}", progress, lines=lines):
                 summary = job()
             doc = _read_json(output, doc_name)
             if doc is None:
@@ -199,7 +199,8 @@ def run(cfg: PipelineConfig) -> dict:
 
     metadata = stage("train", train_cfg.output, "metadata.json", {"run_name": run_name}, train_job,
                      progress=_epochs_done(train_cfg.storage_path, run_name, train_cfg.epochs))
-    stage("infer", infer_cfg.output, storage.MANIFEST, {"runtime": cfg.runtime}, lambda: infer.run(infer_cfg))
+    stage("infer", infer_cfg.output, storage.MANIFEST, {"runtime": cfg.runtime}, lambda: infer.run(infer_cfg),
+          lines=False)  # infer prints rows, images/s and ETA itself
     metrics = stage("evaluate", evaluate_cfg.output, "metrics.json", {"samples": evaluate_cfg.samples},
                     lambda: evaluate.run(evaluate_cfg))
     by_split = metrics.get("accuracy_by_split") or {}

@@ -127,3 +127,17 @@ def test_on_object_storage_the_log_is_uploaded_into_the_output(s3_bucket):
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/_logs/")["Contents"]]
     assert len(keys) == 1 and keys[0].startswith("out/_logs/demo-")
     assert b"uploaded at the end" in s3.get_object(Bucket=s3_bucket, Key=keys[0])["Body"].read()
+
+
+def test_a_step_with_its_own_progress_lines_gets_no_heartbeat(monkeypatch):
+    monkeypatch.setattr(logs, "PROGRESS_EVERY_S", 0.01)
+    lines = []
+    monkeypatch.setattr(logs.log, "info", lambda fmt, *args: lines.append(fmt % args))
+    with logs.stage("pipeline: infer", lines=False):
+        import time
+
+        time.sleep(0.2)
+    assert lines == []
+    with logs.stage("pipeline: train"):
+        time.sleep(0.2)
+    assert lines and lines[0].startswith("pipeline: train running")
