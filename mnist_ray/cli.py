@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from mnist_ray import __version__, cluster, config
+from mnist_ray import __version__, cluster, config, logs
 from mnist_ray.errors import MnistRayError
 
 # subcommand -> (module, config class, one-line description). Modules load only when used,
@@ -58,6 +58,9 @@ def command_parser(name: str):
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"mnist-ray {name}", description=help_)
     config.add_arguments(parser, getattr(module, cls_name))
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=(
+        f"show Ray's and TensorFlow's own logs too (also {logs.VERBOSE_ENV}=1); "
+        "the run's log file in OUTPUT/_logs has them either way"))
     return parser, module, getattr(module, cls_name)
 
 
@@ -74,15 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="mnist-ray: %(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mnist_ray").setLevel(logging.INFO)
     top = build_parser().parse_args(argv)
+    logs.configure(verbose="--verbose" in top.args)  # before any module imports Ray or TensorFlow
     parser, module, cls = command_parser(top.command)
     args = parser.parse_args(top.args)
     try:
         cfg = config.from_args(cls, args)
         print(f"mnist-ray {top.command}: config {config.to_json(cfg)}", file=sys.stderr)
-        try:
-            summary = module.run(cfg)
-        finally:
-            cluster.shutdown()
+        output = None if getattr(cfg, "list_models", False) else getattr(cfg, "output", None)
+        with logs.run_log(top.command, output):
+            try:
+                summary = module.run(cfg)
+            finally:
+                cluster.shutdown()
+            if isinstance(summary, dict) and logs.current_log():
+                summary["log"] = logs.current_log()
     except KeyboardInterrupt:
         print(f"mnist-ray {top.command}: interrupted", file=sys.stderr)
         return 130
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mnist-ray {top.command}: error: {user}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(logs.format_summary(summary))
     return 0
 
 

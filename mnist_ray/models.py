@@ -83,7 +83,7 @@ def list_models() -> list[dict]:
     return rows
 
 
-@register("mlp", "seed 000: Flatten, Dense 128 + Dropout 0.2, softmax",
+@register("mlp", "MLP: Flatten, Dense 128, Dropout 0.2, softmax",
           epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
 def mlp(width: float = 1.0):
     k = keras()
@@ -96,7 +96,7 @@ def mlp(width: float = 1.0):
     ], name="mlp")
 
 
-@register("cnn", "seed 001: Conv 32, Conv 64, MaxPool, Dropout 0.25, softmax",
+@register("cnn", "small CNN: Conv 32, Conv 64, MaxPool, Dropout 0.25, softmax",
           epochs=5, batch_size=32, learning_rate=1e-3, augment=False)
 def cnn(width: float = 1.0):
     k = keras()
@@ -111,7 +111,7 @@ def cnn(width: float = 1.0):
     ], name="cnn")
 
 
-@register("tutorial-cnn", "seed 003: Conv 32, Conv 64, Dense 128, softmax (functional API)",
+@register("tutorial-cnn", "wide CNN: Conv 32, Conv 64, Dense 128, softmax (4.7M parameters)",
           epochs=3, batch_size=32, learning_rate=1e-3, augment=False)
 def tutorial_cnn(width: float = 1.0):
     k = keras()

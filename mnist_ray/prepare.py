@@ -28,7 +28,7 @@ BLOCK_ROWS = 5_000  # rows per Ray Data block when encoding arrays: enough block
 @dataclass(frozen=True)
 class PrepareConfig:
     source: str = field(default="mnist-sample", metadata={
-        "help": "mnist-sample | mnist | fashion-mnist | idx:PATH | images:PATH | photos:SOURCE "
+        "help": "mnist-sample | mnist-test | mnist | fashion-mnist | idx:PATH | images:PATH | photos:SOURCE "
                 "(the digits of SOURCE as photos: JPEG, dark on light, large, shaded)"})
     output: str = field(default="out/mnist-sample/shards", metadata={
         "help": "where the shards go: a local directory or a URL such as s3://bucket/prefix"})

@@ -24,10 +24,12 @@ from mnist_ray.errors import MnistRayError
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+LOGS_DIR = "_logs"  # the log files of the runs that wrote this output (mnist_ray.logs)
 # Entries a writer owns inside its output directory: only these are ever deleted. ``run-KEY``
 # directories hold a resumable job's data files and its Ray Data checkpoint (see infer).
 OWNED_FILE = re.compile(
-    r"^(part-[0-9a-f]+-.*\.parquet|run-[0-9a-f]+|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_probe-[0-9a-f]+)$")
+    r"^(part-[0-9a-f]+-.*\.parquet|run-[0-9a-f]+|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_probe-[0-9a-f]+"
+    r"|_logs)$")
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,8 @@ def prepare_directory_output(uri: str, *, overwrite: bool, marker: str, what: st
         if info.type == pafs.FileType.File:
             raise MnistRayError(f"{uri} is a file: choose a directory for the {what}")
         if info.type == pafs.FileType.Directory:
-            names = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))}
+            # Logs of an earlier run (a failed one leaves only those) belong to this writer.
+            names = {i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.path))} - {LOGS_DIR}
             if names and not overwrite:
                 raise MnistRayError(f"{uri} already exists; pass --overwrite to replace it "
                                     f"(the old {what} stays in place until the new one is complete)")

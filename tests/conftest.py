@@ -19,7 +19,8 @@ import pytest
 # mnist_ray.cluster.SINGLE_MACHINE), including the `ray start --head` of test_cluster.py.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
+# The MNIST test set shipped in the package (mnist_ray/data/mnist): the repo needs nothing beside it.
+MNIST_TEST_DIR = Path(__file__).resolve().parents[1] / "mnist_ray" / "data" / "mnist"
 
 
 def free_port() -> int:
@@ -30,10 +31,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mnist_idx_dir() -> Path:
-    """The real MNIST test set (and only the train labels) in IDX format."""
-    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"the real MNIST test set is missing: expected it in {SHARED_MNIST}")
-    return SHARED_MNIST
+    """The real MNIST test set in IDX format, as shipped in the package."""
+    if not (MNIST_TEST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"the real MNIST test set is missing: expected it in {MNIST_TEST_DIR}")
+    return MNIST_TEST_DIR
 
 
 @pytest.fixture(scope="session")

@@ -28,15 +28,30 @@ def test_parse_idx_rejects_truncated_and_foreign_files():
         datasets.parse_idx(b"\x89PNG\r\n\x1a\n....")
 
 
-def test_idx_folder_reads_the_complete_pair_and_warns_about_the_lone_labels(mnist_idx_dir, mnist_test_arrays, caplog):
+def test_idx_folder_reads_the_complete_pair_and_warns_about_the_lone_labels(mnist_idx_dir, mnist_test_arrays,
+                                                                           tmp_path, caplog):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes((mnist_idx_dir / name).read_bytes())
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(3, np.uint8)))
     with caplog.at_level(logging.WARNING):
-        data = datasets.idx_folder(str(mnist_idx_dir), name="idx")
+        data = datasets.idx_folder(str(tmp_path), name="idx")
     assert list(data.splits) == ["test"]  # train has labels only
     assert "skipping the train split" in caplog.text
     images, labels = mnist_test_arrays
     np.testing.assert_array_equal(data.splits["test"].images, images)
     np.testing.assert_array_equal(data.splits["test"].labels, labels)
     assert len(set(data.splits["test"].ids)) == 10_000
+
+
+def test_mnist_test_is_the_packaged_test_set_checked_by_md5(mnist_test_arrays, monkeypatch):
+    data = datasets.load("mnist-test")
+    assert data.name == "mnist-test" and list(data.splits) == ["test"]
+    images, labels = mnist_test_arrays
+    np.testing.assert_array_equal(data.splits["test"].images, images)
+    np.testing.assert_array_equal(data.splits["test"].labels, labels)
+    monkeypatch.setitem(datasets.MNIST_TEST_MD5, "t10k-labels-idx1-ubyte.gz", "0" * 32)
+    with pytest.raises(MnistRayError, match="packaged MNIST test set is corrupt"):
+        datasets.load("mnist-test")
 
 
 def test_idx_folder_without_a_pair_is_an_error(tmp_path):
