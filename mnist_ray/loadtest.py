@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +27,8 @@ import urllib.request
 import numpy as np
 
 from mnist_ray.errors import MnistRayError
+
+log = logging.getLogger(__name__)
 
 
 # --- client ---------------------------------------------------------------------------------------
@@ -156,6 +161,89 @@ def serve_naive(model_dir: str, port: int) -> None:
     import uvicorn
 
     uvicorn.run(naive_app(model_dir), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --- the comparison `mnist-ray bench --parts serve` runs ------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _levels(name: str, url: str, image_dir: str, requests: int, concurrencies: list[int]) -> list[dict]:
+    rows = []
+    for c in concurrencies:
+        row = {"server": name, **measure(url, image_dir, requests, c)}
+        log.info("bench: %s, concurrency %d: %.0f requests/s, p50 %.1f ms, p99 %.1f ms, %d failed", name, c,
+                 row["requests_per_s"], row["p50_ms"], row["p99_ms"], row["failed"])
+        rows.append(row)
+    return rows
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60) -> str:
+    """Stop a server the way a user does (Ctrl-C) and return what it printed on stdout."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""
+
+
+def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[int], *, replicas: str = "1",
+            ready_timeout: float = 600) -> dict:
+    """Requests/s and latency of the naive server, Serve without batching and Serve with
+    batching, each in its own processes (Serve with its own local Ray), the same images."""
+    rows: list[dict] = []
+    port = _free_port()
+    naive = subprocess.Popen([sys.executable, "-m", "mnist_ray.loadtest", "naive-server", "--model", model_dir,
+                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, naive)
+        rows += _levels("naive (model.predict per request)", f"http://127.0.0.1:{port}/predict", image_dir,
+                        requests, concurrencies)
+    finally:
+        _stop(naive, signal.SIGTERM)
+    summaries = {}
+    for name, batch in (("Serve, no batching", 1), ("Serve, batching", 32)):
+        port = _free_port()
+        argv = [sys.executable, "-m", "mnist_ray.cli", "serve", "--model", model_dir, "--port", str(port),
+                "--replicas", replicas, "--max-batch-size", str(batch)]
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, server)
+            rows += _levels(f"{name} (max_batch_size {batch})", f"http://127.0.0.1:{port}/predict", image_dir,
+                            requests, concurrencies)
+        finally:
+            out = _stop(server)
+        summaries[name] = json.loads(out[out.index("{"):]) if "{" in out else {}
+    top = max(concurrencies)
+    rate = {r["server"].split(" (")[0]: r["requests_per_s"] for r in rows if r["concurrency"] == top}
+    p99 = {r["server"].split(" (")[0]: r["p99_ms"] for r in rows if r["concurrency"] == top}
+    speedup = rate["Serve, batching"] / rate["naive"] if rate.get("naive") else None
+    return {"requests": requests, "concurrencies": concurrencies, "replicas": replicas, "rows": rows,
+            "server_summaries": {k: {f: v.get(f) for f in ("requests", "ok", "failed", "latency_ms")}
+                                 for k, v in summaries.items()},
+            f"batching_over_naive_at_{top}": speedup and round(speedup, 2),
+            f"batching_p99_ms_at_{top}": p99.get("Serve, batching"),
+            "targets": {"batching >= 5x naive": bool(speedup and speedup >= 5),
+                        "batching p99 < 100 ms": bool(p99.get("Serve, batching", 1e9) < 100)}}
+
+
+def format_table(serving: dict) -> list[str]:
+    top = max(serving["concurrencies"])
+    lines = [f"## online serving ({serving['requests']:,} requests per row, {serving['replicas']} replica(s), "
+             "POST /predict with a 28x28 PNG, the client in its own process)", "",
+             "| server | concurrency | requests/s | p50 ms | p99 ms | failed |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['server']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['failed']} |" for r in serving["rows"]]
+    lines += ["", f"At concurrency {top}: batching serves {serving[f'batching_over_naive_at_{top}']}x the naive "
+                  f"server's requests/s (target 5x), p99 {serving[f'batching_p99_ms_at_{top}']} ms (target < 100 ms).",
+              ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
