@@ -407,8 +407,8 @@ def _model_dir(cfg: BenchConfig, name: str, train_data: str, work: str) -> str:
     model_dir = os.path.join(work, "models", name)
     if not storage.is_complete(storage.resolve(model_dir)):
         epochs = ["--epochs", str(cfg.model_epochs)] if cfg.model_epochs else []
-        _command("train", "--data", _train_data(cfg, train_data), "--model", name, "--output", model_dir, "--workers", "1",
-                 "--overwrite", *epochs)
+        _command("train", "--data", _train_data(cfg, train_data), "--model", name, "--output", model_dir,
+                 "--workers", "1", "--overwrite", *epochs)
     return model_dir
 
 

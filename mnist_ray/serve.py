@@ -241,8 +241,12 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
     started = time.perf_counter()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg))
     try:
-        serve.run(build_app(cfg, runtime, gpus=gpus, env_vars=cluster.configure_process_env(),
-                            stats_actor=_stats_name()), name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(build_app(cfg, runtime, gpus=gpus, env_vars=cluster.configure_process_env(),
+                                stats_actor=_stats_name()), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Serve gave up on the replicas: its message ends with their error
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise MnistRayError(f"the replicas did not start: {lines[0]} ... {lines[-1]}"[:2000]) from e
         ready_seconds = round(time.perf_counter() - started, 1)
         log.info("serve: model %s (%s) ready at %s in %.1f s; Ctrl-C to stop", metadata["version"], runtime,
                  url, ready_seconds)

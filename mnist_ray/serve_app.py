@@ -418,7 +418,8 @@ class MnistServer:
     async def readyz(self) -> Response:
         s = self.service
         return JSONResponse({"ready": s.ready, "model_version": s.model_version, "runtime": s.runtime,
-                             "class_names": s.class_names, "model_load_seconds": s.load_seconds, "replica": self.replica,
+                             "class_names": s.class_names, "model_load_seconds": s.load_seconds,
+                             "replica": self.replica,
                              "max_batch_size": self.settings.max_batch_size}, 200 if s.ready else 503)
 
     @app.get("/stats")
