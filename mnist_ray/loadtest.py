@@ -106,12 +106,16 @@ def read_images(image_dir: str) -> list[bytes]:
     return images
 
 
-def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None) -> dict:
+def wait_ready(url: str, timeout: float, proc: subprocess.Popen | None = None, log_path: str | None = None) -> dict:
     """Poll ``url`` (a readiness endpoint) until it answers 200 with JSON; fail on timeout or exit."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise MnistRayError(f"the server exited with {proc.returncode} before it was ready ({url})")
+            tail = ""
+            if log_path:
+                with open(log_path, errors="replace") as f:
+                    tail = ":\n" + "\n".join(f.read().strip().splitlines()[-12:])
+            raise MnistRayError(f"the server exited with {proc.returncode} before it was ready ({url}){tail}")
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
@@ -194,15 +198,19 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 60)
 
 
 def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[int], *, replicas: str = "1",
-            ready_timeout: float = 600) -> dict:
+            ready_timeout: float = 600, log_dir: str | None = None) -> dict:
     """Requests/s and latency of the naive server, Serve without batching and Serve with
-    batching, each in its own processes (Serve with its own local Ray), the same images."""
+    batching, each in its own processes (Serve with its own local Ray), the same images.
+    The servers' stderr goes to ``log_dir`` (default: beside the images)."""
+    log_dir = log_dir or os.path.dirname(os.path.abspath(image_dir))
     rows: list[dict] = []
     port = _free_port()
-    naive = subprocess.Popen([sys.executable, "-m", "mnist_ray.loadtest", "naive-server", "--model", model_dir,
-                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    naive_log = os.path.join(log_dir, "naive-server.log")
+    with open(naive_log, "w") as log_file:
+        naive = subprocess.Popen([sys.executable, "-m", "mnist_ray.loadtest", "naive-server", "--model", model_dir,
+                                  "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, naive)
+        wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, naive, naive_log)
         rows += _levels("naive (model.predict per request)", f"http://127.0.0.1:{port}/predict", image_dir,
                         requests, concurrencies)
     finally:
@@ -212,9 +220,11 @@ def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[i
         port = _free_port()
         argv = [sys.executable, "-m", "mnist_ray.cli", "serve", "--model", model_dir, "--port", str(port),
                 "--replicas", replicas, "--max-batch-size", str(batch)]
-        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        server_log = os.path.join(log_dir, f"serve-batch{batch}.log")
+        with open(server_log, "w") as log_file:
+            server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, text=True)
         try:
-            wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, server)
+            wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, server, server_log)
             rows += _levels(f"{name} (max_batch_size {batch})", f"http://127.0.0.1:{port}/predict", image_dir,
                             requests, concurrencies)
         finally:
