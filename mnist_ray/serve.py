@@ -230,7 +230,7 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
     import ray
     from ray import serve
 
-    from mnist_ray.serve_app import STATS_NAMESPACE, ServeStats
+    from mnist_ray.serve_app import STATS_EVERY_S, STATS_NAMESPACE, ServeStats
 
     gpus = _gpus(cfg)
     # Serve's driver-side messages ("Started Serve", "Deploying app") follow the quiet default too.
@@ -252,6 +252,8 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
                  url, ready_seconds)
         why = _wait(stop)
         log.info("serve: %s", why)
+        # Replicas report once a second: wait for the last second's requests before summing up.
+        time.sleep(STATS_EVERY_S + 0.5)
         summary = ray.get(stats.state.remote(), timeout=30)
     finally:
         try:
