@@ -127,6 +127,7 @@ function setUpCanvas() {
   const finish = () => {
     if (!drawing) return;
     drawing = false;
+    $("file-name").textContent = "your drawing";
     canvas.toBlob((blob) => predict(blob), "image/png");
   };
   canvas.addEventListener("pointerup", finish);
