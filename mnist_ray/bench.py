@@ -123,8 +123,8 @@ class BenchConfig:
         if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests]
                + self.concurrency_list()) < 1 \
                 or self.train_epochs < 2:
-            raise MnistRayError("sizes, --micro-images and --batch-size must be positive, --train-epochs >= 2 "
-                                "(the first epoch is warm-up)")
+            raise MnistRayError("sizes, --micro-images, --batch-size, --serve-requests and --serve-concurrency "
+                                "must be positive, --train-epochs >= 2 (the first epoch is warm-up)")
 
 
 # --- data -------------------------------------------------------------------------------------
