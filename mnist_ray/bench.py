@@ -15,6 +15,8 @@ same images. (c) runs for every runtime at one N and for the default and the fas
 N images made by replicating real shards (the MNIST test set) with ids made unique, with the
 peak memory of the job's driver and of Ray's worker processes sampled while it runs. Training
 throughput: a plain ``model.fit`` against 1 and 2 Ray Train workers, same model, data and batch.
+Online serving (``--parts serve``): a bounded load test (`mnist_ray.loadtest`) of `mnist-ray serve`
+with and without dynamic batching against a naive one-image-per-``model.predict`` server.
 
 Everything goes to OUTPUT/bench.json and a table on stdout (and OUTPUT/bench.md). Data, models
 and predictions are kept under OUTPUT/work so a rerun reuses the data and models.
@@ -48,10 +50,10 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-PARTS = ("micro", "infer", "train")
+PARTS = ("micro", "infer", "train", "serve")
 # --quick: every part, on a few thousand images, so the benchmark cannot rot (CI runs it).
 QUICK = {"sizes": "4000", "runtime_size": 4000, "runtimes": "tf,tflite-int8", "micro_images": 1000,
-         "train_epochs": 2, "model_epochs": 2}
+         "train_epochs": 2, "model_epochs": 2, "serve_requests": 150}
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class BenchConfig:
     train_model: str = field(default="cnn", metadata={"help": "model of the training-throughput part"})
     train_epochs: int = field(default=3, metadata={"help": "epochs per training run (the first is warm-up)"})
     train_batch_size: int = field(default=64, metadata={"help": "global batch size of the training part"})
+    serve_model: str = field(default="cnn", metadata={"help": "model of the serving part"})
+    serve_requests: int = field(default=500, metadata={"help": "requests per concurrency level of the serving part"})
+    serve_concurrency: str = field(default="1,8,32", metadata={"help": "concurrency levels of the serving part"})
+    serve_replicas: str = field(default="1", metadata={"help": "Serve replicas of the serving part (N or MIN..MAX)"})
     parts: str = field(default=",".join(PARTS), metadata={"help": "which parts to run: " + ",".join(PARTS)})
     quick: bool = field(default=False, metadata={
         "help": f"a few thousand images, two runtimes, short training: checks the bench works ({QUICK})"})
@@ -94,13 +100,20 @@ class BenchConfig:
         except ValueError:
             raise MnistRayError(f"--sizes {self.sizes!r}: give comma-separated image counts") from None
 
+    def concurrency_list(self) -> list[int]:
+        try:
+            return [int(c) for c in self.serve_concurrency.split(",") if c]
+        except ValueError:
+            raise MnistRayError(f"--serve-concurrency {self.serve_concurrency!r}: give comma-separated "
+                                "numbers, e.g. 1,8,32") from None
+
     def part_list(self) -> list[str]:
         return [p for p in self.parts.split(",") if p]
 
     def validate(self) -> None:
         from mnist_ray import models
 
-        for m in self.model_list() + [self.train_model]:
+        for m in self.model_list() + [self.train_model, self.serve_model]:
             models.get_spec(m)
         unknown = set(self.runtimes.split(",") + self.scaling_runtimes.split(",")) - set(runtimes.RUNTIME_FILES)
         if unknown:
@@ -108,10 +121,11 @@ class BenchConfig:
                                 f"{', '.join(runtimes.RUNTIME_FILES)}")
         if not set(self.part_list()) <= set(PARTS) or not self.part_list():
             raise MnistRayError(f"--parts {self.parts!r}: choose from {', '.join(PARTS)}")
-        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1]) < 1 \
+        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests]
+               + self.concurrency_list()) < 1 \
                 or self.train_epochs < 2:
-            raise MnistRayError("sizes, --micro-images and --batch-size must be positive, --train-epochs >= 2 "
-                                "(the first epoch is warm-up)")
+            raise MnistRayError("sizes, --micro-images, --batch-size, --serve-requests and --serve-concurrency "
+                                "must be positive, --train-epochs >= 2 (the first epoch is warm-up)")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -374,6 +388,39 @@ def train_runs(cfg: BenchConfig, train_data: str, work: str) -> list[dict]:
     return results
 
 
+# --- online serving -------------------------------------------------------------------------------
+
+def serving(cfg: BenchConfig, model_dir: str, seed: pa.Table, work: str) -> dict:
+    """The load test of `mnist-ray serve` (with and without batching) against the naive server."""
+    from mnist_ray import loadtest
+
+    image_dir = os.path.join(work, "serve-images")
+    os.makedirs(image_dir, exist_ok=True)
+    for i, data in enumerate(seed["image"].slice(0, 200).to_pylist()):  # real test digits, PNG
+        with open(os.path.join(image_dir, f"{i:03d}.png"), "wb") as f:
+            f.write(data)
+    return {"model": cfg.serve_model, **loadtest.compare(model_dir, image_dir, cfg.serve_requests,
+                                                          cfg.concurrency_list(), replicas=cfg.serve_replicas)}
+
+
+def _model_dir(cfg: BenchConfig, name: str, train_data: str, work: str) -> str:
+    """The benchmarked model ``name``, trained once and reused by later runs."""
+    model_dir = os.path.join(work, "models", name)
+    if not storage.is_complete(storage.resolve(model_dir)):
+        epochs = ["--epochs", str(cfg.model_epochs)] if cfg.model_epochs else []
+        _command("train", "--data", _train_data(cfg, train_data), "--model", name, "--output", model_dir,
+                 "--workers", "1", "--overwrite", *epochs)
+    return model_dir
+
+
+def _train_data(cfg: BenchConfig, train_data: str) -> str:
+    """The training shards, prepared the first time a part needs them (a run whose models exist
+    and that skips the training part needs none)."""
+    if not _complete(train_data, source=cfg.train_source, schema_version=shards.SCHEMA_VERSION):
+        _command("prepare", "--source", cfg.train_source, "--output", train_data, "--overwrite")
+    return train_data
+
+
 # --- report -----------------------------------------------------------------------------------
 
 def _machine() -> dict:
@@ -417,6 +464,10 @@ def format_report(report: dict) -> str:
                              f"{100 * j['accuracy']:.2f} % | {j['driver_rss_peak_mb']:,}/{j['driver_uss_peak_mb']:,} | "
                              f"{j['worker_rss_peak_mb']:,}/{j['worker_uss_peak_mb']:,} | {j['workers_total_uss_peak_mb']:,} |")
             lines.append("")
+    if report.get("serving"):
+        from mnist_ray import loadtest
+
+        lines += loadtest.format_table(report["serving"])
     if report.get("training"):
         t = report["training"]
         lines += [f"## training throughput ({t['model']}, batch {t['batch_size']}, epochs after the first)", "",
@@ -447,19 +498,13 @@ def run(cfg: BenchConfig) -> dict:
         raise MnistRayError(f"{cfg.seed_data}: bench needs shards with pixels for every row "
                             f"(schema {shards.SCHEMA_VERSION}): rerun mnist-ray prepare")
     train_data = os.path.join(work, "train-data")
-    if not _complete(train_data, source=cfg.train_source, schema_version=shards.SCHEMA_VERSION):
-        _command("prepare", "--source", cfg.train_source, "--output", train_data, "--overwrite")
 
     report: dict = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "command": "mnist-ray bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
                     else "mnist-ray bench", "machine": _machine(), "config": dataclasses.asdict(cfg),
                     "models": {}}
     for name in cfg.model_list() if ("micro" in parts or "infer" in parts) else []:
-        model_dir = os.path.join(work, "models", name)
-        if not storage.is_complete(storage.resolve(model_dir)):
-            epochs = ["--epochs", str(cfg.model_epochs)] if cfg.model_epochs else []
-            _command("train", "--data", train_data, "--model", name, "--output", model_dir, "--workers", "1",
-                     "--overwrite", *epochs)
+        model_dir = _model_dir(cfg, name, train_data, work)
         entry: dict = {"model_dir": model_dir}
         if "micro" in parts:
             entry["micro"] = micro(cfg, model_dir, seed)
@@ -481,7 +526,9 @@ def run(cfg: BenchConfig) -> dict:
         report["models"][name] = entry
     if "train" in parts:
         report["training"] = {"model": cfg.train_model, "batch_size": cfg.train_batch_size,
-                              "epochs": cfg.train_epochs, "runs": train_runs(cfg, train_data, work)}
+                              "epochs": cfg.train_epochs, "runs": train_runs(cfg, _train_data(cfg, train_data), work)}
+    if "serve" in parts:
+        report["serving"] = serving(cfg, _model_dir(cfg, cfg.serve_model, train_data, work), seed, work)
     report["seconds"] = round(time.perf_counter() - started, 1)
     _check_sane(report)
     with open(os.path.join(cfg.output, "bench.json"), "w") as f:
@@ -491,6 +538,8 @@ def run(cfg: BenchConfig) -> dict:
         f.write(text + "\n")
     print(text, file=sys.stderr)
     return {"output": cfg.output, "bench_json": os.path.join(cfg.output, "bench.json"), "seconds": report["seconds"],
+            **({f"serving_{k}": v for k, v in report["serving"].items() if k.startswith("batching_")}
+               if "serving" in report else {}),
             **{f"{name}_{j['runtime']}_{j['n']}_images_per_s": j["images_per_s"]
                for name, e in report["models"].items() for j in e.get("jobs", [])}}
 
@@ -512,6 +561,10 @@ def _check_sane(report: dict) -> None:
             for key in ("images_per_s", "scoring_images_per_s", "driver_uss_peak_mb", "worker_uss_peak_mb"):
                 if not job[key] > 0:
                     bad.append(f"{name} {job['runtime']} N={job['n']} {key}={job[key]}")
+    for r in (report.get("serving") or {}).get("rows", []):
+        if not (r["requests_per_s"] > 0 and r["p50_ms"] > 0) or r["failed"]:
+            bad.append(f"serving {r['server']} c={r['concurrency']}: {r['requests_per_s']} requests/s, "
+                       f"{r['failed']} failed {r['errors']}")
     for r in (report.get("training") or {}).get("runs", []):
         if not r["images_per_s"] > 0:
             bad.append(f"training {r['how']} images_per_s={r['images_per_s']}")

@@ -34,6 +34,8 @@ COMMANDS = {
                 "classify a few image files here and now: class and the ten percentages"),
     "bench": ("mnist_ray.bench", "BenchConfig",
               "images/s of batch inference: naive loop, forward-pass ceiling, the whole job; training"),
+    "serve": ("mnist_ray.serve", "ServeConfig",
+              "the model behind HTTP on Ray Serve (batched), with a page to try it; or a Serve config"),
     "compress": ("mnist_ray.compress", "CompressConfig",
                  "quantize, prune and distill a model dir; every variant a model dir, compared in one table"),
 }
