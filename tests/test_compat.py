@@ -152,7 +152,7 @@ def test_no_deprecated_ray_arguments_in_the_jobs(ray_local, small_shards, tmp_pa
     from mnist_ray import infer, storage
     from mnist_ray import plan as planning
 
-    cfg = infer.InferConfig(model="m", input=small_shards)
+    cfg = infer.InferConfig(model="m", input=small_shards, runtime="tf")
     plan = planning.make(cfg, ray.cluster_resources(), "unused")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
