@@ -13,6 +13,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Iterable
@@ -296,8 +297,7 @@ def to_rows(table: pa.Table, cols: Columns, file_id: str, first_row: int, *, enc
     if cols.image_kind != "pixels" and encode:
         # Shards keep PNG and JPEG as they are and re-encode the rest; an image that does not
         # decode becomes an error row here, as a bad file in an image folder does.
-        checked = [preprocess.normalize_stored_image(b) if b is not None else (None, e)
-                   for b, e in zip(images.to_pylist(), errors)]
+        checked = [stored_image(b, e) for b, e in zip(images.to_pylist(), errors)]
         images = pa.array([b for b, _ in checked], pa.binary())
         errors = [e for _, e in checked]
     elif cols.image_kind == "pixels":
@@ -326,6 +326,13 @@ def to_rows(table: pa.Table, cols: Columns, file_id: str, first_row: int, *, enc
                      "pixels": pixels, "error": pa.array(errors, pa.string())}, schema=ROW_FORM)
 
 
+def stored_image(data: bytes | None, error: str | None) -> tuple[bytes | None, str | None]:
+    """What a shard stores for encoded image bytes: PNG/JPEG as they are, the rest as PNG, or why not."""
+    if error is not None or data is None:
+        return None, error or "no image bytes"
+    return preprocess.normalize_stored_image(data)
+
+
 # --- files and fingerprint (driver) ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -346,24 +353,34 @@ class FileSet:
         return posixpath.relpath(file.path, self.root.path)
 
 
-def _is_glob(path: str) -> bool:
+def is_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
+
+
+def _parent_uri(uri: str, levels: int) -> str:
+    """``uri`` without its last ``levels`` path parts (a local path is made absolute first)."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    for _ in range(levels):
+        uri = uri.rstrip("/").rsplit("/", 1)[0]
+    return uri
 
 
 def list_files(uri: str, extensions: tuple[str, ...] = PARQUET_EXTENSIONS) -> FileSet:
     """A file, a directory (searched recursively) or a glob -> the matching files, sorted."""
     loc = storage.resolve(uri)
     try:
-        if _is_glob(loc.path):
+        if is_glob(loc.path):
             parts = loc.path.split("/")
-            base = "/".join(p for p in parts[: next(i for i, p in enumerate(parts) if _is_glob(p))])
-            root = storage.Location(uri, loc.fs, base)
+            depth = next(i for i, p in enumerate(parts) if is_glob(p))
+            base = "/".join(parts[:depth])
+            root = storage.Location(_parent_uri(uri, len(parts) - depth), loc.fs, base)
             infos = [i for i in loc.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
                      if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, loc.path)]
         else:
             info = loc.fs.get_file_info(loc.path)
             if info.type == pafs.FileType.File:
-                root, infos = storage.Location(uri, loc.fs, posixpath.dirname(loc.path)), [info]
+                root, infos = storage.Location(_parent_uri(uri, 1), loc.fs, posixpath.dirname(loc.path)), [info]
             elif info.type == pafs.FileType.Directory:
                 root = loc
                 infos = [i for i in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
