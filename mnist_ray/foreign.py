@@ -54,6 +54,20 @@ class Columns:
         return [c for c in (self.image, self.id, self.label, self.split) if c]
 
 
+@dataclass(frozen=True)
+class ColumnChoice:
+    """The columns a user named (``--image-column`` ...): None leaves the choice to ``detect``."""
+
+    image_column: str | None = None
+    id_column: str | None = None
+    label_column: str | None = None
+    image_shape: str | None = None
+
+    def as_kwargs(self) -> dict:
+        return {"image_column": self.image_column, "id_column": self.id_column,
+                "label_column": self.label_column, "image_shape": self.image_shape}
+
+
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """``--image-shape 28x28`` (or HxWxC) -> (28, 28)."""
     if not text:
