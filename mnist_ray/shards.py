@@ -33,9 +33,11 @@ SCHEMA_VERSION = 3
 PIXEL_BYTES = preprocess.MODEL_SIZE * preprocess.MODEL_SIZE
 KIND = "image-shards"
 HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+# Every field nullable, though ``id`` and ``image`` never are null: ``datasets`` applies a
+# feature from the metadata only to a field equal to its own (nullable) one.
 SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image", HF_IMAGE, nullable=False),
+    pa.field("id", pa.string()),
+    pa.field("image", HF_IMAGE),
     pa.field("label", pa.int64()),
     pa.field("split", pa.string()),
     pa.field("path", pa.string()),
