@@ -1,5 +1,6 @@
 """foreign: Parquet mnist-ray did not write, as Hugging Face `datasets` and Ray Data write it."""
 
+import json
 import os
 
 import numpy as np
@@ -169,3 +170,107 @@ def test_a_glob_and_the_fingerprint_of_files_without_a_manifest(tmp_path):
     stat = os.stat(tmp_path / "c.parquet")
     os.utime(tmp_path / "c.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert foreign.open_parquet(str(tmp_path)).fingerprint != before
+
+
+# --- end to end: infer and prepare on foreign input ------------------------------------------
+
+def _write_hf(path, images, labels, ids=None):
+    import datasets
+
+    columns = {"image": [{"bytes": b, "path": None} for b in _pngs(images)], "label": [int(v) for v in labels]}
+    features = {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    if ids is not None:
+        columns, features = {"id": list(ids), **columns}, {"id": datasets.Value("string"), **features}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(str(path))
+    return path
+
+
+def _by_index(table, index_of):
+    keys = np.array([index_of(i) for i in table["id"].to_pylist()])
+    return table.take(pa.array(np.argsort(keys))), np.sort(keys)
+
+
+@pytest.mark.e2e
+def test_hf_parquet_zip_and_shards_give_identical_predictions(trained_model, tmp_path, mnist_idx_dir, mnist_test_arrays):
+    """The same 200 MNIST test digits as mnist-ray shards, as a `datasets` Parquet and as a zip of
+    PNG class folders: one prediction per image, identical whatever the input."""
+    import zipfile
+
+    import duckdb
+    import pandas as pd
+
+    from mnist_ray import predictions
+    from mnist_ray.infer import InferConfig, run
+    from mnist_ray.prepare import PrepareConfig
+    from mnist_ray.prepare import run as prepare
+
+    model_dir, _ = trained_model
+    images, labels = mnist_test_arrays
+    prepare(PrepareConfig(source=f"idx:{mnist_idx_dir}", output=str(tmp_path / "shards"), limit=200))
+    ids = sorted(shards.read_table(str(tmp_path / "shards"))["id"].to_pylist())
+    index = np.array([int(i.split("-")[1]) for i in ids])
+    _write_hf(tmp_path / "hf" / "data" / "test.parquet", images[index], labels[index])  # no id: FILE#ROW
+    with zipfile.ZipFile(tmp_path / "digits.zip", "w") as z:
+        for i, png in zip(index, _pngs(images[index])):
+            z.writestr(f"mnist/{labels[i]}/{i:05d}.png", png)
+
+    out = {}
+    for name, source in (("shards", tmp_path / "shards"), ("hf", tmp_path / "hf"), ("zip", tmp_path / "digits.zip")):
+        summary = run(InferConfig(model=model_dir, input=str(source), output=str(tmp_path / f"p-{name}")))
+        assert summary["rows"] == 200 and summary["errors"] == 0, name
+        out[name] = predictions.read_predictions(str(tmp_path / f"p-{name}"))
+    shard_p, keys = _by_index(out["shards"], lambda i: int(i.split("-")[1]))
+    hf_p, hf_keys = _by_index(out["hf"], lambda i: index[int(i.split("#")[1])])
+    zip_p, zip_keys = _by_index(out["zip"], lambda i: int(i.rsplit("/", 1)[1][:5]))
+    assert out["hf"]["id"][0].as_py().startswith("data/test.parquet#")
+    assert keys.tolist() == hf_keys.tolist() == zip_keys.tolist() == index.tolist()
+    for other in (hf_p, zip_p):
+        assert other["prediction"].equals(shard_p["prediction"])
+        assert other["label"].equals(shard_p["label"])
+        np.testing.assert_allclose(np.array(other["probabilities"].to_pylist()),
+                                   np.array(shard_p["probabilities"].to_pylist()), atol=1e-6)
+    assert shard_p["class_name"].to_pylist() == [str(p) for p in shard_p["prediction"].to_pylist()]
+    assert (np.array(shard_p["prediction"]) == labels[index]).mean() > 0.8  # a real model on real digits
+
+    # the predictions open in pandas, DuckDB and datasets
+    manifest = json.loads((tmp_path / "p-zip" / "_manifest.json").read_text())
+    assert manifest["input"]["kind"] == "archive"
+    files = [str(tmp_path / "p-zip" / f["path"]) for f in manifest["files"]]
+    frame = pd.concat(pd.read_parquet(f) for f in files)
+    assert len(frame) == 200 and set(frame["class_name"]) <= {str(i) for i in range(10)}
+    hits = duckdb.connect().execute(
+        f"SELECT count(*) FROM read_parquet({files!r}) WHERE prediction = label").fetchone()[0]
+    assert hits == int((np.array(zip_p["prediction"]) == np.array(zip_p["label"])).sum())
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hfc"))
+    assert len(loaded) == 200 and loaded[0]["class_name"] == str(loaded[0]["prediction"])
+
+
+@pytest.mark.e2e
+def test_infer_from_parquet_on_s3_with_an_id_column_and_bad_rows(trained_model, s3_bucket, tmp_path, mnist_test_arrays):
+    import boto3
+
+    from mnist_ray.infer import InferConfig, run
+    from mnist_ray import predictions
+
+    model_dir, _ = trained_model
+    images, labels = mnist_test_arrays
+    pngs = _pngs(images[:40])
+    pngs[5] = b"garbage"
+    local = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(40)], "img": pa.array(pngs, pa.binary()),
+                             "digit": labels[:40].astype(np.int64)}), local, row_group_size=16)
+    boto3.client("s3").upload_file(str(local), s3_bucket, "in/x.parquet")
+    with pytest.raises(MnistRayError, match=r"--image-column 'key' is string, not images"):
+        run(InferConfig(model=model_dir, input=f"s3://{s3_bucket}/in/x.parquet", output=str(tmp_path / "p0"),
+                        image_column="key"))
+    assert not (tmp_path / "p0" / "_SUCCESS").exists()
+    summary = run(InferConfig(model=model_dir, input=f"s3://{s3_bucket}/in/x.parquet", output=f"s3://{s3_bucket}/p",
+                              image_column="img", id_column="key", label_column="digit", max_error_rate=0.1))
+    assert summary["rows"] == 40 and summary["errors"] == 1
+    table = predictions.read_predictions(f"s3://{s3_bucket}/p").sort_by("id")
+    bad = table.filter(table["error"].is_valid())
+    assert bad["id"].to_pylist() == ["k5"] and bad["class_name"].null_count == 1
+    assert set(table["label"].to_pylist()) == set(labels[:40].tolist())
