@@ -1,6 +1,7 @@
 """archives: zip, tar, tar.gz and WebDataset shards of image folders, read without unpacking."""
 
 import io
+import json
 import tarfile
 import zipfile
 
@@ -140,3 +141,61 @@ def test_a_zip_on_s3_through_ray_read_tasks(ray_local, s3_bucket, tmp_path, memb
     rows = plan.dataset().take_batch(1000, batch_format="pyarrow").sort_by("id")
     _expect(rows, members)
     assert rows["path"][0].as_py() == f"s3://{s3_bucket}/in/d.zip/{sorted(members)[0]}"
+
+
+def _corrupt(path, member):
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(member)
+    at = info.header_offset + 30 + len(info.filename) + 10
+    raw[at: at + 8] = b"\xff" * 8
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.e2e
+def test_prepare_and_infer_on_a_zip_with_a_corrupt_member(trained_model, tmp_path, members):
+    from mnist_ray import predictions, shards
+    from mnist_ray.infer import InferConfig, run as infer
+    from mnist_ray.prepare import PrepareConfig, run as prepare
+
+    model_dir, _ = trained_model
+    path = _zip(tmp_path / "d.zip", members)
+    _corrupt(path, "digits/7/t0000.png")
+    summary = prepare(PrepareConfig(source=f"images:{path}", output=str(tmp_path / "shards"), rows_per_shard=80))
+    assert summary["rows"] == N - 1 and summary["rejected"] == 1 and summary["shards"] == 3
+    table = shards.read_table(str(tmp_path / "shards")).sort_by("id")
+    kept = sorted(n for n in members if n != "digits/7/t0000.png")
+    assert table["id"].to_pylist() == kept and table["image"].to_pylist() == [members[n] for n in kept]
+    assert table["label"].to_pylist() == [int(n.split("/")[1]) for n in kept]
+    manifest = json.loads((tmp_path / "shards" / "_manifest.json").read_text())
+    assert manifest["rejected"][0]["id"] == "digits/7/t0000.png"
+    assert manifest["rejected"][0]["error"].startswith("corrupt archive member")
+
+    result = infer(InferConfig(model=model_dir, input=str(path), output=str(tmp_path / "p")))
+    assert result["rows"] == N and result["errors"] == 1  # one error row, the rest scored
+    scored = predictions.read_predictions(str(tmp_path / "p"))
+    bad = scored.filter(scored["error"].is_valid())
+    assert bad["id"].to_pylist() == ["digits/7/t0000.png"] and bad["error"][0].as_py().startswith("corrupt archive")
+
+
+@pytest.mark.e2e
+def test_prepare_webdataset_shards_and_refuse_a_non_archive(ray_local, tmp_path, members):
+    from mnist_ray import shards
+    from mnist_ray.prepare import PrepareConfig, run as prepare
+
+    names = sorted(members)
+    for shard in range(2):
+        part = {}
+        for i, name in enumerate(names[shard * 100:(shard + 1) * 100]):
+            part[f"s{shard}/{i:04d}.png"] = members[name]
+            part[f"s{shard}/{i:04d}.cls"] = name.split("/")[1].encode()
+        _tar(tmp_path / f"shard-{shard}.tar", part)
+    summary = prepare(PrepareConfig(source=f"images:{tmp_path}/shard-*.tar", output=str(tmp_path / "shards")))
+    assert summary["rows"] == N and summary["rejected"] == 0
+    table = shards.read_table(str(tmp_path / "shards")).sort_by("id")
+    assert table["id"][0].as_py() == "shard-0.tar/s0/0000"
+    assert sorted(table["label"].to_pylist()) == sorted(int(n.split("/")[1]) for n in names)
+    (tmp_path / "fake.zip").write_bytes(b"nope" * 100)
+    with pytest.raises(MnistRayError, match="is not a readable zip archive"):
+        prepare(PrepareConfig(source=f"images:{tmp_path}/fake.zip", output=str(tmp_path / "never")))
+    assert not (tmp_path / "never" / "_SUCCESS").exists()

@@ -274,3 +274,33 @@ def test_infer_from_parquet_on_s3_with_an_id_column_and_bad_rows(trained_model, 
     bad = table.filter(table["error"].is_valid())
     assert bad["id"].to_pylist() == ["k5"] and bad["class_name"].null_count == 1
     assert set(table["label"].to_pylist()) == set(labels[:40].tolist())
+
+
+@pytest.mark.e2e
+def test_prepare_from_parquet_keeps_class_names_and_publishes_nothing_from_garbage(ray_local, tmp_path,
+                                                                                    mnist_test_arrays):
+    import datasets
+
+    from mnist_ray.prepare import PrepareConfig, run as prepare
+
+    images, labels = mnist_test_arrays
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    (tmp_path / "hf").mkdir()
+    datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in _pngs(images[:50])],
+                                "label": labels[:50].tolist()}, features=features).to_parquet(str(tmp_path / "hf" / "a.parquet"))
+    summary = prepare(PrepareConfig(source=f"parquet:{tmp_path}/hf/*.parquet", output=str(tmp_path / "shards")))
+    assert summary["rows"] == 50 and summary["rejected"] == 0
+    table = shards.read_table(str(tmp_path / "shards")).sort_by("label")
+    assert set(table["id"].to_pylist()) == {f"a.parquet#{i}" for i in range(50)}
+    files = [str(p) for p in (tmp_path / "shards").glob("part-*.parquet")]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hfc"))
+    assert ds.features["label"].names == names
+    assert ds.features["label"].int2str(ds[0]["label"]) == names[labels[int(ds[0]["id"].split("#")[1])]]
+
+    pq.write_table(pa.table({"image": [b"garbage"] * 5}), tmp_path / "bad.parquet")
+    with pytest.raises(MnistRayError, match="could be decoded"):
+        prepare(PrepareConfig(source=f"parquet:{tmp_path}/bad.parquet", output=str(tmp_path / "never")))
+    assert not (tmp_path / "never" / "_SUCCESS").exists()
+    with pytest.raises(MnistRayError, match="are for --source parquet:PATH"):
+        prepare(PrepareConfig(source="mnist-sample", output=str(tmp_path / "never2"), image_column="x"))
