@@ -128,10 +128,8 @@ def image_kind(field: pa.Field, features: dict) -> str | None:
     t, _ = _storage_and_shape(field)
     if pa.types.is_struct(t):
         names = {t.field(i).name for i in range(t.num_fields)}
-        if "bytes" in names and pa.types.is_binary(t.field("bytes").type) or \
-                "bytes" in names and pa.types.is_large_binary(t.field("bytes").type):
-            return "hf"
-        return None
+        inner = t.field("bytes").type if "bytes" in names else None
+        return "hf" if inner is not None and (pa.types.is_binary(inner) or pa.types.is_large_binary(inner)) else None
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return "encoded"
     if pa.types.is_fixed_size_binary(t) and math.isqrt(t.byte_width) ** 2 == t.byte_width:
@@ -519,9 +517,9 @@ def open_parquet(uri: str, *, image_column: str | None = None, id_column: str | 
         if columns is None:
             columns = found
         elif found != columns:
+            theirs, ours = (f"{c.image}/{c.id}/{c.label}" for c in (found, columns))
             raise MnistRayError(f"{files.rel(info)} has other columns than {files.rel(files.files[0])} "
-                                f"({found.image}/{found.id}/{found.label} vs {columns.image}/{columns.id}/{columns.label}): "
-                                "give files of one layout")
+                                f"(image/id/label {theirs} vs {ours}): give files of one layout")
         start, group, group_rows, group_bytes, first = 0, [], 0, 0, 0
         for i in range(meta.num_row_groups):
             rg = meta.row_group(i)

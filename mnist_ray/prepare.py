@@ -207,8 +207,9 @@ def run(cfg: PrepareConfig) -> dict:
         raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
                             f"{len(summary['rejected'])} rejected; nothing was published")
     if summary["rows"] == 0:
+        first = summary["rejected"][0]
         raise MnistRayError(f"no image in {cfg.source} could be decoded "
-                            f"(e.g. {summary['rejected'][0]['path'] or summary['rejected'][0]['id']}: {summary['rejected'][0]['error']})")
+                            f"(e.g. {first['path'] or first['id']}: {first['error']})")
     manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg), class_names=names)
     storage.publish(loc, manifest, run_id=run_id)
     return {

@@ -100,7 +100,7 @@ class ShardSource(Source):
         with pq.ParquetFile(self.paths[0], filesystem=self.loc.fs) as first:
             if not first.num_row_groups:
                 return None
-            return first.read_row_group(0, columns=self.columns()).slice(0, SAMPLE_ROWS)
+            return shards.row_form(first.read_row_group(0, columns=self.columns()).slice(0, SAMPLE_ROWS))
 
     def digest(self, stop: threading.Event) -> shards.IdDigest | None:
         import pyarrow.parquet as pq

@@ -192,7 +192,8 @@ def _by_index(table, index_of):
 
 
 @pytest.mark.e2e
-def test_hf_parquet_zip_and_shards_give_identical_predictions(trained_model, tmp_path, mnist_idx_dir, mnist_test_arrays):
+def test_hf_parquet_zip_and_shards_give_identical_predictions(trained_model, tmp_path, mnist_idx_dir,
+                                                             mnist_test_arrays):
     """The same 200 MNIST test digits as mnist-ray shards, as a `datasets` Parquet and as a zip of
     PNG class folders: one prediction per image, identical whatever the input."""
     import zipfile
@@ -288,7 +289,8 @@ def test_prepare_from_parquet_keeps_class_names_and_publishes_nothing_from_garba
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     (tmp_path / "hf").mkdir()
     datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in _pngs(images[:50])],
-                                "label": labels[:50].tolist()}, features=features).to_parquet(str(tmp_path / "hf" / "a.parquet"))
+                                "label": labels[:50].tolist()}, features=features).to_parquet(
+        str(tmp_path / "hf" / "a.parquet"))
     summary = prepare(PrepareConfig(source=f"parquet:{tmp_path}/hf/*.parquet", output=str(tmp_path / "shards")))
     assert summary["rows"] == 50 and summary["rejected"] == 0
     table = shards.read_table(str(tmp_path / "shards")).sort_by("label")

@@ -62,10 +62,12 @@ def test_prepared_shards_open_in_datasets_pandas_and_duckdb(ray_local, tmp_path,
 
     frame = pd.read_parquet(files[0])
     first = frame.iloc[0]
-    np.testing.assert_array_equal(preprocess.decode_gray(first["image"]["bytes"]), images[int(first["id"].split("-")[1])])
+    np.testing.assert_array_equal(preprocess.decode_gray(first["image"]["bytes"]),
+                                  images[int(first["id"].split("-")[1])])
 
     con = duckdb.connect()
-    counts = con.execute(f"SELECT label, count(*) FROM read_parquet({files!r}) GROUP BY label ORDER BY label").fetchall()
+    counts = con.execute(f"SELECT label, count(*) FROM read_parquet({files!r}) GROUP BY label ORDER BY label") \
+        .fetchall()
     kept = [int(i.split("-")[1]) for i in shards.read_table(str(out))["id"].to_pylist()]
     assert [c for _, c in counts] == np.bincount(labels[kept]).tolist()
     png = con.execute(f"SELECT image.bytes FROM read_parquet({files!r}) WHERE id = ?", [row["id"]]).fetchone()[0]
