@@ -138,13 +138,14 @@ def replicate_shards(seed: pa.Table, uri: str, n: int, rows_per_file: int = 50_0
     """
     run_id = uuid.uuid4().hex[:12]
     loc = storage.prepare_output(uri, overwrite=True, run_id=run_id)
-    seed = seed.select(shards.SCHEMA.names).cast(shards.SCHEMA)
+    seed = shards.stored_form(seed)  # the current shard schema, whichever version the seed was read from
+    schema = seed.schema
     files, reports = [], []
     writer, name, in_file = None, None, 0
     for copy in range(math.ceil(n / seed.num_rows)):
         part = seed.slice(0, min(seed.num_rows, n - copy * seed.num_rows))
         part = part.set_column(0, "id", pc.binary_join_element_wise(f"c{copy:04d}-", part["id"], "")) \
-            .cast(shards.SCHEMA)
+            .cast(schema)
         counts = Counter(zip(part["split"].to_pylist(), part["label"].to_pylist()))
         reports.append({"counts": [(s, l, k) for (s, l), k in counts.items()], "rejected": [],
                         "xor": shards.xor_digest([shards.row_digests(part)]).tobytes(),
@@ -152,7 +153,7 @@ def replicate_shards(seed: pa.Table, uri: str, n: int, rows_per_file: int = 50_0
         while part.num_rows:
             if writer is None:
                 name = f"part-{run_id}-{len(files):05d}.parquet"
-                writer, in_file = pq.ParquetWriter(loc.join(name), shards.SCHEMA, filesystem=loc.fs), 0
+                writer, in_file = pq.ParquetWriter(loc.join(name), schema, filesystem=loc.fs), 0
             piece = part.slice(0, rows_per_file - in_file)
             writer.write_table(piece)
             in_file += piece.num_rows

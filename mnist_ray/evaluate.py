@@ -125,7 +125,7 @@ def read_images(source: dict, rows: pa.Table) -> dict[str, bytes]:
             loc, manifest = shards.open_shards(source["uri"])
             found = pads.dataset(shards.shard_paths(loc, manifest), filesystem=loc.fs, format="parquet").to_table(
                 columns=["id", "image"], filter=pc.field("id").isin(pa.array(rows["id"].to_pylist(), pa.string())))
-            return dict(zip(found["id"].to_pylist(), found["image"].to_pylist()))
+            return dict(zip(found["id"].to_pylist(), shards.image_bytes(found["image"]).to_pylist()))
         root = storage.resolve(source["uri"])  # ``path`` is this folder's scheme + a path on its fs
         images = {}
         for id_, uri in zip(rows["id"].to_pylist(), rows["path"].to_pylist()):

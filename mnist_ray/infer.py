@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mnist_ray import __version__, cluster, compat, export, predictions, runtimes, shards, sources, storage
+from mnist_ray import __version__, cluster, compat, export, foreign, predictions, runtimes, shards, sources, storage
 from mnist_ray import plan as planning
 from mnist_ray.errors import MnistRayError
 from mnist_ray.predictor import PredictorActor, Progress, ProgressLines, prepare_rows
@@ -47,7 +47,17 @@ log = logging.getLogger(__name__)
 class InferConfig:
     model: str = field(default="out/mnist-sample/model", metadata={"help": "model dir (mnist-ray train)"})
     input: str = field(default="out/mnist-sample/shards", metadata={
-        "help": "image shards, or a folder of image files (local or s3://)"})
+        "help": "image shards, any image Parquet (a file, directory or glob; parquet:PATH to insist), "
+                "a .zip/.tar/.tar.gz of image folders (or a glob of WebDataset shards), or a folder of "
+                "image files; local or s3://"})
+    image_column: str | None = field(default=None, metadata={
+        "help": "Parquet input: the image column (default: the only one, or the one named image)"})
+    id_column: str | None = field(default=None, metadata={
+        "help": "Parquet input: the id column (default: id if there is one, else FILE#ROW)"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Parquet input: the label column (default: a ClassLabel, or one named label/class/target)"})
+    image_shape: str | None = field(default=None, metadata={
+        "help": "Parquet input of flat pixel lists that are not square: HxW or HxWxC"})
     output: str = field(default="out/mnist-sample/predictions", metadata={"help": "where predictions go"})
     runtime: str = field(default=runtimes.AUTO, metadata={
         "help": " | ".join(runtimes.CHOICES) + " (auto: tf on GPU actors; on CPU the full-integer TFLite "
@@ -94,7 +104,8 @@ def run(cfg: InferConfig) -> dict:
     expected_runtime, _ = planning.choose_runtime(cfg, model_local, on_gpu=cfg.gpus_per_actor > 0)
     runtimes.check(model_local, expected_runtime)
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-    source = sources.open_source(cfg.input)
+    source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
+                                                                 cfg.image_shape))
     # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
     # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
     # beside ray.init it held the GIL and slowed Ray's start-up.
@@ -126,7 +137,7 @@ def run(cfg: InferConfig) -> dict:
         startup = time.perf_counter() - started
         progress = ray.remote(num_cpus=0)(Progress).remote()
         try:
-            scored = build_dataset(source, plan, cfg.model, version, progress)
+            scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
             scored.context.checkpoint_config = compat.checkpoint_config(
                 source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
             seconds, timing = execute(scored, plan, loc.join(work, "data"), loc, cfg, progress,
@@ -168,7 +179,8 @@ def smoke_test(model_local: str, runtime: str, sample: pa.Table | None, model_ur
         raise MnistRayError(f"the model in {model_uri} returns {probs.shape}, not class probabilities")
 
 
-def build_dataset(source: sources.Source, plan: planning.Plan, model_uri: str, model_version: str, progress):
+def build_dataset(source: sources.Source, plan: planning.Plan, model_uri: str, model_version: str, progress,
+                  class_names: list[str] | None = None):
     """The lazy dataset of prediction rows: read, prepare_rows tasks, the predictor actor pool."""
     import ray
 
@@ -180,7 +192,8 @@ def build_dataset(source: sources.Source, plan: planning.Plan, model_uri: str, m
         compute=ray.data.ActorPoolStrategy(min_size=plan.actors_min, max_size=plan.actors_max),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs={"model_uri": model_uri, "runtime": plan.runtime, "progress": progress,
-                               "model_version": model_version, "use_gpu": plan.on_gpu})
+                               "model_version": model_version, "use_gpu": plan.on_gpu,
+                               "class_names": class_names})
 
 
 def execute(scored, plan: planning.Plan, data_path: str, loc: storage.Location, cfg: InferConfig, progress,

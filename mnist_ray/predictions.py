@@ -1,9 +1,11 @@
 """The predictions format: Parquet files written by ``mnist-ray infer``, one row per input row.
 
-Schema (version 1): ``id`` string, ``prediction`` int8 and ``confidence`` float32 (null when the
+Schema (version 2): ``id`` string, ``prediction`` int8, ``class_name`` string (the prediction's
+name in the model's ``metadata.json``) and ``confidence`` float32 (null when the
 row could not be scored), ``probabilities`` fixed_size_list<float32>[10], ``label`` int8 (null
 when unknown), ``path`` string (the source file, for image folders), ``model_version`` string,
-``error`` string (null, or why the row could not be scored). A dataset is complete when its
+``error`` string (null, or why the row could not be scored). Version 1 (no ``class_name``) is
+still read: the column comes back null. A dataset is complete when its
 ``_manifest.json`` (kind ``predictions``: files, rows, input, model, plan) and ``_SUCCESS`` exist.
 """
 
@@ -15,11 +17,12 @@ from mnist_ray import storage
 from mnist_ray.errors import MnistRayError
 
 KIND = "predictions"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NUM_CLASSES = 10
 SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("prediction", pa.int8()),
+    pa.field("class_name", pa.string()),
     pa.field("confidence", pa.float32()),
     pa.field("probabilities", pa.list_(pa.float32(), NUM_CLASSES)),
     pa.field("label", pa.int8()),
@@ -48,5 +51,14 @@ def read_predictions(uri: str, columns: list[str] | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     loc, manifest = open_predictions(uri)
-    tables = [pq.read_table(loc.join(f["path"]), columns=columns, filesystem=loc.fs) for f in manifest["files"]]
+    tables = []
+    for f in manifest["files"]:
+        with loc.fs.open_input_file(loc.join(f["path"])) as file:
+            stored = pq.ParquetFile(file)
+            names = [c for c in (columns or SCHEMA.names) if c in stored.schema_arrow.names]
+            table = stored.read(columns=names)
+        for name in columns or SCHEMA.names:  # a column later versions added: null in older files
+            if name not in table.column_names:
+                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+        tables.append(table.select(columns or SCHEMA.names))
     return pa.concat_tables(tables).cast(schema_of(columns)) if tables else schema_of(columns).empty_table()

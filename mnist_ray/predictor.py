@@ -32,18 +32,22 @@ def prepare_rows(batch: pa.Table) -> pa.Table:
     float32. Typed Arrow columns throughout: an all-null column must stay a string column.
     """
     n = batch.num_rows
-    if "pixels" in batch.column_names and batch["pixels"].null_count == 0:
+    # Rows that failed in the read (a corrupt archive member, pixels of the wrong size) keep
+    # their error and are not decoded.
+    failed = batch["error"] if "error" in batch.column_names else pa.nulls(n, pa.string())
+    if "pixels" in batch.column_names and batch["pixels"].null_count == 0 and failed.null_count == n:
         pixels, errors = batch["pixels"], pa.nulls(n, pa.string())
     else:
-        todo = np.arange(n)
+        todo = np.ones(n, bool) if failed.null_count == n else failed.is_null().to_numpy(zero_copy_only=False)
         pixels = np.zeros((n, preprocess.MODEL_SIZE, preprocess.MODEL_SIZE), np.uint8)
         if "pixels" in batch.column_names:
             stored = batch["pixels"].is_valid().to_numpy(zero_copy_only=False)
             pixels[stored] = shards.pixels_numpy(batch["pixels"])[stored]
-            todo = np.flatnonzero(~stored)
+            todo &= ~stored
+        todo = np.flatnonzero(todo)
         decoded, decode_errors = preprocess.prepare_pixels(batch["image"].take(todo).to_pylist())
         pixels[todo] = decoded
-        error_list: list[str | None] = [None] * n
+        error_list: list[str | None] = failed.to_pylist()
         for i, e in zip(todo, decode_errors):
             error_list[i] = e
         pixels, errors = shards.pixels_column(pixels), pa.array(error_list, pa.string())
@@ -58,9 +62,12 @@ class Predictor:
     The model loader is injected, so the batch logic is tested without Ray or a model dir.
     """
 
-    def __init__(self, load_model: Callable[[], Callable[[np.ndarray], np.ndarray]], model_version: str):
+    def __init__(self, load_model: Callable[[], Callable[[np.ndarray], np.ndarray]], model_version: str,
+                 class_names: list[str] | None = None):
         self.model = load_model()
         self.model_version = pa.scalar(model_version, pa.string())
+        names = list(class_names or [str(i) for i in range(predictions.NUM_CLASSES)])
+        self.class_names = pa.array(names + [None] * (predictions.NUM_CLASSES - len(names)), pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
@@ -78,6 +85,8 @@ class Predictor:
         return pa.table({
             "id": batch["id"],
             "prediction": pa.array(probs.argmax(1).astype(np.int8), pa.int8(), mask=~ok),
+            "class_name": pa.array(self.class_names.take(pa.array(probs.argmax(1))).to_numpy(zero_copy_only=False),
+                                   pa.string(), mask=~ok),
             "confidence": pa.array(probs.max(1), pa.float32(), mask=~ok),
             "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), predictions.NUM_CLASSES),
             "label": batch["label"],
@@ -94,7 +103,8 @@ class PredictorActor(Predictor):
     # figure "first prediction"): one call per batch cost the progress actor ~3 % of a core.
     REPORT_EVERY_S = 1.0
 
-    def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None):
+    def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None,
+                 class_names: list[str] | None = None):
         started = time.perf_counter()
         self.progress, self.unreported, self.reported_at = progress, 0, 0.0
         if use_gpu:
@@ -108,7 +118,7 @@ class PredictorActor(Predictor):
             local, _ = export.open_model_dir(model_uri)
             return runtimes.load(local, runtime)
 
-        super().__init__(load, model_version)
+        super().__init__(load, model_version, class_names)
         if progress is not None:
             progress.actor_ready.remote(time.time(), time.perf_counter() - started)
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from mnist_ray import cluster, datasets, preprocess, shards, storage
+from mnist_ray import archives, cluster, datasets, foreign, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,18 @@ BLOCK_ROWS = 5_000  # rows per Ray Data block when encoding arrays: enough block
 @dataclass(frozen=True)
 class PrepareConfig:
     source: str = field(default="mnist-sample", metadata={
-        "help": "mnist-sample | mnist-test | mnist | fashion-mnist | idx:PATH | images:PATH | photos:SOURCE "
-                "(the digits of SOURCE as photos: JPEG, dark on light, large, shaded)"})
+        "help": "mnist-sample | mnist-test | mnist | fashion-mnist | idx:PATH | images:PATH (a folder, or a .zip/.tar/"
+                ".tar.gz of class folders, or a glob of WebDataset shards) | parquet:PATH (any image Parquet: "
+                "a file, directory or glob) | photos:SOURCE (the digits of SOURCE as photos: JPEG, dark on "
+                "light, large, shaded)"})
+    image_column: str | None = field(default=None, metadata={
+        "help": "parquet:PATH: the image column (default: the only one, or the one named image)"})
+    id_column: str | None = field(default=None, metadata={
+        "help": "parquet:PATH: the id column (default: id if there is one, else FILE#ROW)"})
+    label_column: str | None = field(default=None, metadata={
+        "help": "parquet:PATH: the label column (default: a ClassLabel, or one named label/class/target)"})
+    image_shape: str | None = field(default=None, metadata={
+        "help": "parquet:PATH of flat pixel lists that are not square: HxW or HxWxC"})
     output: str = field(default="out/mnist-sample/shards", metadata={
         "help": "where the shards go: a local directory or a URL such as s3://bucket/prefix"})
     rows_per_shard: int = field(default=50_000, metadata={"help": "rows per Parquet file"})
@@ -112,8 +122,44 @@ def _array_blocks(data: datasets.ArrayDataset, limit: int | None, block_rows: in
     return blocks, int(shape[0]), int(shape[1])
 
 
+def load_source(cfg: PrepareConfig):
+    """``cfg.source`` -> arrays, an image folder listing, or a planned read (Parquet, archives)."""
+    columns = foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column, cfg.image_shape)
+    kind, _, rest = cfg.source.partition(":")
+    if kind == "parquet":
+        return foreign.open_parquet(rest, **columns.as_kwargs())
+    if columns != foreign.ColumnChoice():
+        raise MnistRayError("--image-column, --id-column, --label-column and --image-shape are for "
+                            "--source parquet:PATH")
+    if kind == "images" and archives.is_archive(rest):
+        return archives.open_archives(rest)
+    return datasets.load(cfg.source, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+def class_names(data) -> list[str]:
+    """The names of the classes the shards declare (Hugging Face ClassLabel): the source's own
+    names (Fashion-MNIST, a Parquet's ClassLabel), else digits, extended to cover every label."""
+    from mnist_ray import export
+
+    if isinstance(data, datasets.ArrayDataset):
+        labels = [int(s.labels.max()) for s in data.splits.values() if len(s.labels)]
+        return shards.class_names_for(labels, export.CLASS_NAMES.get(data.name.removeprefix("photos:")))
+    if isinstance(data, datasets.ImageFolder):
+        return shards.class_names_for(datasets.label_from_path(rel) for rel, _ in data.files)
+    if isinstance(data, archives.ArchiveInput):
+        return shards.class_names_for(data.labels())
+    names = data.columns.label_names
+    return list(names) if names else shards.class_names_for([])
+
+
 def _build_dataset(data, cfg: PrepareConfig):
     import ray
+
+    if isinstance(data, (foreign.ParquetInput, archives.ArchiveInput)):
+        ds = data.dataset(encode=True)
+        if cfg.limit is not None and cfg.limit < data.rows:
+            return ds.limit(cfg.limit), cfg.limit  # the first rows: a planned read has no splits to spread over
+        return ds, data.rows
 
     if isinstance(data, datasets.ArrayDataset):
         blocks, height, width = _array_blocks(data, cfg.limit, min(BLOCK_ROWS, cfg.rows_per_shard))
@@ -135,14 +181,14 @@ def _source_path(source: str) -> str:
     kind, _, rest = source.partition(":")
     if kind == "photos":
         return _source_path(rest)
-    return rest if kind in ("idx", "images") else ""
+    return rest if kind in ("idx", "images", "parquet") else ""
 
 
 def run(cfg: PrepareConfig) -> dict:
     """Write ``cfg.source`` as image shards to ``cfg.output``; returns the summary."""
     cfg.validate()
     started = time.perf_counter()
-    data = datasets.load(cfg.source, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    data = load_source(cfg)
     run_id = uuid.uuid4().hex[:12]
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
     cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output))
@@ -150,7 +196,8 @@ def run(cfg: PrepareConfig) -> dict:
     ds, expected = _build_dataset(data, cfg)
     from mnist_ray.sink import ShardSink
 
-    sink = ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20)
+    names = class_names(data)
+    sink = ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20, class_names=names)
     try:
         ds.write_datasink(sink)
     except OSError as e:
@@ -160,9 +207,10 @@ def run(cfg: PrepareConfig) -> dict:
         raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
                             f"{len(summary['rejected'])} rejected; nothing was published")
     if summary["rows"] == 0:
+        first = summary["rejected"][0]
         raise MnistRayError(f"no image in {cfg.source} could be decoded "
-                            f"(e.g. {summary['rejected'][0]['path']}: {summary['rejected'][0]['error']})")
-    manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg))
+                            f"(e.g. {first['path'] or first['id']}: {first['error']})")
+    manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg), class_names=names)
     storage.publish(loc, manifest, run_id=run_id)
     return {
         "output": cfg.output, "rows": summary["rows"],

@@ -1,19 +1,25 @@
 """The image-shard format: Parquet files of encoded digits, written by ``sink.ShardSink``.
 
-Schema (version 2): ``id`` string (unique, stable across runs), ``image`` binary (PNG or
-JPEG bytes), ``label`` int8 (null when unknown), ``split`` string (null when the source has
-none), ``path`` string (the source file, for image folders; null otherwise), ``pixels``
+Schema (version 3): ``id`` string (unique, stable across runs), ``image`` struct {bytes:
+binary (PNG or JPEG), path: string} (Hugging Face's ``Image`` feature), ``label`` int64 (null
+when unknown; a ``ClassLabel``), ``split`` string (null when the source has none), ``path``
+string (the source file, for image folders; null otherwise), ``pixels``
 fixed_size_binary(784): the 28x28 uint8 the model sees (``preprocess.prepare_pixels`` of
 ``image``, row-major, white digit on black), null where that fails (e.g. a blank image).
+The Parquet schema metadata declares every column's ``datasets`` feature (key
+``huggingface``), so ``datasets.load_dataset("parquet", ...)`` gives images and class names.
 
 Why both: ``image`` is the record (lossless, any size, what a person looks at); ``pixels``
 takes decoding off inference's hot path (a PNG decode costs about half of a CNN forward
-pass on CPU). Version 1 shards (no ``pixels``) are still read: inference decodes ``image``.
+pass on CPU). Earlier schemas are still read, by their column types: version 2 (``image``
+binary, ``label`` int8) and version 1 (no ``pixels``: inference decodes ``image``). Readers
+here hand every consumer the same row form: ``image`` as binary, whatever the version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from typing import Iterable
 
@@ -23,18 +29,79 @@ import pyarrow.parquet as pq
 
 from mnist_ray import compat, preprocess, storage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PIXEL_BYTES = preprocess.MODEL_SIZE * preprocess.MODEL_SIZE
 KIND = "image-shards"
+HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+# Every field nullable, though ``id`` and ``image`` never are null: ``datasets`` applies a
+# feature from the metadata only to a field equal to its own (nullable) one.
 SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
-    pa.field("label", pa.int8()),
+    pa.field("id", pa.string()),
+    pa.field("image", HF_IMAGE),
+    pa.field("label", pa.int64()),
     pa.field("split", pa.string()),
     pa.field("path", pa.string()),
     pa.field("pixels", pa.binary(PIXEL_BYTES)),
 ])
 PRODUCER = "mnist-ray prepare --source SOURCE --output PATH"
+DIGIT_NAMES = [str(i) for i in range(10)]
+HF_METADATA_KEY = b"huggingface"
+
+
+def hf_features(class_names: list[str]) -> dict:
+    """Every column's ``datasets`` feature, as ``datasets`` itself serializes them."""
+    def value(dtype):
+        return {"dtype": dtype, "_type": "Value"}
+
+    return {"id": value("string"), "image": {"_type": "Image"},
+            "label": {"names": list(class_names), "_type": "ClassLabel"},
+            "split": value("string"), "path": value("string"), "pixels": value(f"fixed_size_binary[{PIXEL_BYTES}]")}
+
+
+def schema_for(class_names: list[str]) -> pa.Schema:
+    """The shard schema with the ``huggingface`` metadata naming the classes."""
+    info = {"info": {"features": hf_features(class_names)}}
+    return SCHEMA.with_metadata({HF_METADATA_KEY: json.dumps(info)})
+
+
+def class_names_for(labels: Iterable[int | None], known: list[str] | None = None) -> list[str]:
+    """Class names covering every label: ``known`` (a source's names), else digits, else "N"."""
+    names = list(known or DIGIT_NAMES)
+    top = max((int(v) for v in labels if v is not None), default=-1)
+    return names + [str(i) for i in range(len(names), top + 1)]
+
+
+def image_bytes(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """The encoded images of an ``image`` column of any schema: binary, or the HF struct's bytes."""
+    if pa.types.is_struct(column.type):
+        if isinstance(column, pa.ChunkedArray):
+            return pa.chunked_array([c.field("bytes") for c in column.chunks], pa.binary())
+        return column.field("bytes")
+    return column
+
+
+def hf_image(images: pa.Array | pa.ChunkedArray, paths: pa.Array | None = None) -> pa.Array:
+    """Encoded images (binary) -> the HF Image struct {bytes, path}."""
+    if isinstance(images, pa.ChunkedArray):
+        images = images.combine_chunks()
+    images = images.cast(pa.binary())
+    paths = pa.nulls(len(images), pa.string()) if paths is None else paths
+    return pa.StructArray.from_arrays([images, paths], fields=list(HF_IMAGE))
+
+
+def row_form(table: pa.Table) -> pa.Table:
+    """Shard rows as every consumer takes them: ``image`` binary (any schema version)."""
+    if "image" in table.column_names and pa.types.is_struct(table.schema.field("image").type):
+        table = table.set_column(table.schema.get_field_index("image"), "image", image_bytes(table["image"]))
+    return table.replace_schema_metadata(None)
+
+
+def stored_form(rows: pa.Table, class_names: list[str] | None = None) -> pa.Table:
+    """Rows (``image`` binary) -> the current shard schema, metadata included."""
+    rows = rows.select(SCHEMA.names)
+    image = rows["image"] if pa.types.is_struct(rows.schema.field("image").type) else hf_image(rows["image"])
+    rows = rows.set_column(1, "image", image)
+    return rows.cast(SCHEMA).replace_schema_metadata(schema_for(class_names or DIGIT_NAMES).metadata)
 
 
 def pixels_column(pixels: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
@@ -57,7 +124,7 @@ def pixels_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def with_pixels(table: pa.Table) -> tuple[pa.Table, int]:
     """``table`` with the ``pixels`` column computed from ``image``, and how many are null."""
-    pixels, errors = preprocess.prepare_pixels(table["image"].to_pylist())
+    pixels, errors = preprocess.prepare_pixels(image_bytes(table["image"]).to_pylist())
     valid = np.array([e is None for e in errors], dtype=bool)
     column = pixels_column(pixels, valid)
     if "pixels" in table.column_names:
@@ -72,7 +139,7 @@ def has_pixels(manifest: dict) -> bool:
 
 def row_digests(table: pa.Table) -> np.ndarray:
     """A 32-byte digest per row over everything stored: (N, 32) uint8."""
-    ids, images = table["id"].to_pylist(), table["image"].to_pylist()
+    ids, images = table["id"].to_pylist(), image_bytes(table["image"]).to_pylist()
     labels, splits = table["label"].to_pylist(), table["split"].to_pylist()
     out = np.empty((len(ids), 32), dtype=np.uint8)
     for i, (id_, image, label, split) in enumerate(zip(ids, images, labels, splits)):
@@ -140,8 +207,8 @@ def summarize(files: list[dict], reports: list[dict]) -> dict:
     for entry in counts.values():
         entry["labels"] = dict(sorted(entry["labels"].items(), key=lambda kv: (len(kv[0]), kv[0])))
     # A retried write task reports its rejects again: list each file once.
-    rejected = sorted({r["path"]: r for rep in reports for r in rep["rejected"]}.values(),
-                      key=lambda r: r["path"])
+    rejected = sorted({(r["path"], r["id"]): r for rep in reports for r in rep["rejected"]}.values(),
+                      key=lambda r: (r["path"] or "", r["id"] or ""))
     xor = xor_digest(np.frombuffer(r["xor"], dtype=np.uint8)[None] for r in reports)
     return {
         "rows": sum(c["rows"] for c in counts.values()),
@@ -153,7 +220,8 @@ def summarize(files: list[dict], reports: list[dict]) -> dict:
     }
 
 
-def build_manifest(run_id: str, source: str, summary: dict, config: dict | None = None) -> dict:
+def build_manifest(run_id: str, source: str, summary: dict, config: dict | None = None,
+                   class_names: list[str] | None = None) -> dict:
     """The manifest of a shards dataset: written by prepare, and by the bench's replicator."""
     import datetime
 
@@ -163,7 +231,8 @@ def build_manifest(run_id: str, source: str, summary: dict, config: dict | None 
         "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": run_id,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source, **({"config": config} if config is not None else {}), "mnist_ray_version": __version__,
-        "schema": {f.name: str(f.type) for f in SCHEMA}, "rejected_count": len(summary["rejected"]), **summary,
+        "schema": {f.name: str(f.type) for f in SCHEMA}, "class_names": list(class_names or DIGIT_NAMES),
+        "rejected_count": len(summary["rejected"]), **summary,
     }
 
 
@@ -187,8 +256,10 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     loc, manifest = open_shards(uri)
     paths = shard_paths(loc, manifest)
     if not paths:
-        return SCHEMA.empty_table().select(columns or SCHEMA.names)
-    return pa.concat_tables(pq.read_table(p, filesystem=loc.fs, columns=columns) for p in paths)
+        return row_form(SCHEMA.empty_table().select(columns or SCHEMA.names))
+    # Shards of several schema versions may sit side by side (a v2 copy beside v3): promote.
+    return pa.concat_tables([row_form(pq.read_table(p, filesystem=loc.fs, columns=columns)) for p in paths],
+                            promote_options="permissive")
 
 
 def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | None = None,
@@ -202,5 +273,14 @@ def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | N
     loc, manifest = open_shards(uri)
     paths = shard_paths(loc, manifest)
     blocks = {"override_num_blocks": compat.parquet_read_blocks(len(paths))} if few_blocks else {}
-    return ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, num_cpus=num_cpus,
-                                 **blocks)
+    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, num_cpus=num_cpus, **blocks)
+    if paths and (columns is None or "image" in columns) and _struct_image(paths[0], loc):
+        # Fused into the read task: it only swaps the struct for its bytes child (no copy).
+        ds = ds.map_batches(row_form, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    return ds
+
+
+def _struct_image(path: str, loc: storage.Location) -> bool:
+    """Whether the shards store ``image`` as the HF struct (schema 3), from one file's footer."""
+    with loc.fs.open_input_file(path) as f:
+        return pa.types.is_struct(pq.read_schema(f).field("image").type)

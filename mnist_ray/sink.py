@@ -78,10 +78,13 @@ class ParquetPartSink(Datasink):
 class ShardSink(ParquetPartSink):
     """Writes shards of at most ``rows_per_shard`` rows; rows with a non-null ``error`` column are
     not stored but reported (id, path, error) for the manifest, with counts and row digests.
-    Adds the ``pixels`` column (the model's 28x28 input) to every stored row."""
+    Adds the ``pixels`` column (the model's 28x28 input) to every stored row, and stores
+    ``image`` as the HF Image struct, ``class_names`` in the ``huggingface`` metadata."""
 
-    def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int):
-        super().__init__(loc, run_id, shards.SCHEMA, rows_per_shard, max_shard_bytes)
+    def __init__(self, loc: storage.Location, run_id: str, rows_per_shard: int, max_shard_bytes: int,
+                 class_names: list[str] | None = None):
+        self.class_names = list(class_names or shards.DIGIT_NAMES)
+        super().__init__(loc, run_id, shards.schema_for(self.class_names), rows_per_shard, max_shard_bytes)
 
     def select(self, table: pa.Table) -> tuple[pa.Table, dict]:
         rejected = []
@@ -92,7 +95,7 @@ class ShardSink(ParquetPartSink):
             table = table.filter(table["error"].is_null())
         # The pixels the model sees, computed once here with inference's own function.
         table, missing = shards.with_pixels(table)
-        table = table.select(shards.SCHEMA.names).cast(shards.SCHEMA)
+        table = shards.stored_form(table, self.class_names)
         counts = Counter(zip(table["split"].to_pylist(), table["label"].to_pylist()))
         return table, {"rejected": rejected, "xor": shards.xor_digest([shards.row_digests(table)]).tobytes(),
                        "counts": [(s, l, n) for (s, l), n in counts.items()], "pixels_missing": missing}

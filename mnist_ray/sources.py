@@ -1,7 +1,9 @@
-"""Where inference's rows come from: image shards or a folder of image files, behind one interface.
+"""Where inference's rows come from: image shards, archives, any image Parquet or a folder of image
+files, behind one interface.
 
 Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
-or ``image`` (encoded bytes), which ``predictor.prepare_rows`` turns into the model's input.
+or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
+``predictor.prepare_rows`` turns into the model's input.
 A source answers, without Ray: what it is (``describe``, recorded in the predictions' manifest),
 a few real rows (``sample``, for the driver's smoke test) and the digest of its ids (``digest``,
 for reconciliation); with Ray, the streaming ``dataset``.
@@ -19,7 +21,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import compat, datasets, shards, storage
+from mnist_ray import compat, datasets, foreign, shards, storage
 from mnist_ray.errors import MnistRayError
 
 SAMPLE_ROWS = 8
@@ -94,7 +96,7 @@ class ShardSource(Source):
         with pq.ParquetFile(self.paths[0], filesystem=self.loc.fs) as first:
             if not first.num_row_groups:
                 return None
-            return first.read_row_group(0, columns=self.columns()).slice(0, SAMPLE_ROWS)
+            return shards.row_form(first.read_row_group(0, columns=self.columns()).slice(0, SAMPLE_ROWS))
 
     def digest(self, stop: threading.Event) -> shards.IdDigest | None:
         import pyarrow.parquet as pq
@@ -156,10 +158,95 @@ class ImageFolderSource(Source):
             fn_kwargs={"root": root.path, "scheme": root.scheme})
 
 
+class PlannedSource(Source):
+    """An input planned into read pieces (``foreign.ParquetInput``, ``archives.ArchiveInput``):
+    the read makes the ids, so the checkpoint filter resumes by ``id``."""
+
+    resume_key = "id"
+
+    def __init__(self, uri: str, planned):
+        self.planned = planned
+        super().__init__(uri, rows=planned.rows, fingerprint=planned.fingerprint)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "files": len(self.planned.files.files)}
+
+    def sample(self) -> pa.Table | None:
+        return self.planned.sample(SAMPLE_ROWS)
+
+    def digest(self, stop: threading.Event) -> shards.IdDigest | None:
+        ids = shards.IdDigest()
+        for chunk in self.planned.ids():  # one piece's ids at a time
+            if stop.is_set():
+                return None
+            ids.add(chunk)
+        return ids
+
+    def dataset(self, read_cpus: float):
+        return self.planned.dataset(encode=False, num_cpus=read_cpus)
+
+
+class ArchiveSource(PlannedSource):
+    """A .zip, .tar or .tar.gz of image folders, or WebDataset tar shards (a glob), unpacked by none."""
+
+    kind = "archive"
+
+    def __init__(self, uri: str):
+        from mnist_ray import archives
+
+        super().__init__(uri, archives.open_archives(uri))
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        from mnist_ray import archives
+
+        return archives.is_archive(uri)
+
+
+class ParquetSource(PlannedSource):
+    """Parquet mnist-ray did not write (``parquet:PATH``, a .parquet file, a glob, a directory of
+    them): the image, id and label columns found by ``foreign.detect`` or named by flags."""
+
+    kind = "parquet"
+    PREFIX = "parquet:"
+
+    def __init__(self, uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()):
+        planned = foreign.open_parquet(uri.removeprefix(self.PREFIX), **columns.as_kwargs())
+        super().__init__(uri, planned)
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        if uri.startswith(cls.PREFIX) or uri.lower().endswith(foreign.PARQUET_EXTENSIONS):
+            return True
+        if foreign.is_glob(uri):
+            return False  # a glob of images is an error of the image folder kind
+        loc = storage.resolve(uri)
+        try:
+            if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
+                return False
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        except OSError as e:
+            raise MnistRayError(storage.describe_error(e, uri)) from e
+        names = [i.base_name.lower() for i in infos if i.type == pafs.FileType.File]
+        # A directory of Parquet files (and no images): a Hugging Face or Ray Data export.
+        return any(n.endswith(foreign.PARQUET_EXTENSIONS) for n in names) and \
+            not any(n.endswith(datasets.IMAGE_EXTENSIONS) for n in names)
+
+    def describe(self) -> dict:
+        c = self.planned.columns
+        return {**super().describe(), "columns": {"image": c.image, "id": c.id, "label": c.label}}
+
+
 # In order: the first kind that claims a URI opens it.
-KINDS: tuple[type[Source], ...] = (ShardSource, ImageFolderSource)
+KINDS: tuple[type[Source], ...] = (ShardSource, ArchiveSource, ParquetSource, ImageFolderSource)
 
 
-def open_source(uri: str) -> Source:
-    """The input at ``uri``, of the first kind that claims it."""
-    return next(kind for kind in KINDS if kind.claims(uri))(uri)
+def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()) -> Source:
+    """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet."""
+    kind = next(kind for kind in KINDS if kind.claims(uri))
+    if kind is ParquetSource:
+        return kind(uri, columns)
+    if columns != foreign.ColumnChoice():
+        raise MnistRayError(f"--image-column, --id-column, --label-column and --image-shape are for Parquet input; "
+                            f"{uri} is {kind.kind}")
+    return kind(uri)

@@ -40,6 +40,7 @@ def _predictions(path: Path, ids, labels, source: dict, paths=None) -> str:
             probs[i, p] = c
     table = pa.table({
         "id": ids, "prediction": pa.array(PREDICTED[:n], pa.int8()),
+        "class_name": pa.array([None if p is None else str(p) for p in PREDICTED[:n]], pa.string()),
         "confidence": pa.array(CONFIDENCE[:n], pa.float32()),
         "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), 10),
         "label": pa.array(labels, pa.int8()), "path": pa.array(paths or [None] * n, pa.string()),
@@ -60,10 +61,9 @@ def _count(pixels: np.ndarray, rgb: tuple) -> int:
 def labelled(tmp_path, mnist_test_arrays) -> str:
     images, labels = mnist_test_arrays
     ids = [f"r{i:02d}" for i in range(11)]
-    shard_rows = pa.table({"id": ids, "image": preprocess.encode_png(images[:11]),
-                           "label": pa.array([int(v) for v in labels[:11]], pa.int8()),
-                           "split": ["test"] * 11, "path": [None] * 11,
-                           "pixels": shards.pixels_column(images[:11])}, schema=shards.SCHEMA)
+    shard_rows = shards.stored_form(pa.table({
+        "id": ids, "image": preprocess.encode_png(images[:11]), "label": pa.array([int(v) for v in labels[:11]], pa.int8()),
+        "split": ["test"] * 11, "path": pa.nulls(11, pa.string()), "pixels": shards.pixels_column(images[:11])}))
     shards_uri = _publish(tmp_path / "shards", shard_rows, {"kind": "image-shards", "fingerprint": "sha256:s"})
     return _predictions(tmp_path / "predictions", ids, [int(v) for v in labels[:10]] + [None],
                         {"kind": "shards", "uri": shards_uri, "fingerprint": "sha256:s"})

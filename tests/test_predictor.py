@@ -69,3 +69,23 @@ def test_prepare_rows_takes_stored_pixels_and_decodes_only_the_rows_without(mnis
     assert out["error"].to_pylist()[:2] == [None, None] and out["error"][2].as_py().startswith("UnidentifiedImageError")
     # v1 shards (image only) decode every row, to the same pixels.
     np.testing.assert_array_equal(shards.pixels_numpy(prepare_rows(rows)["pixels"]), images[:4])
+
+
+def test_rows_that_failed_in_the_read_keep_their_error_and_scored_rows_get_class_names(mnist_test_arrays):
+    images, _ = mnist_test_arrays
+    rows = _rows(preprocess.encode_png(images[:4]))
+    # as archives and foreign Parquet deliver them: an error from the read (no bytes), and pixels
+    # made by the read for one row (no image)
+    rows = rows.set_column(1, "image", pa.array([rows["image"][0].as_py(), None, None, rows["image"][3].as_py()],
+                                                pa.binary()))
+    pixels = np.zeros_like(images[:4])
+    pixels[2] = images[2]
+    rows = rows.append_column("pixels", shards.pixels_column(pixels, np.array([False, False, True, False])))
+    rows = rows.append_column("error", pa.array([None, "corrupt archive member: CRC mismatch", None, None]))
+    batch = prepare_rows(rows)
+    assert batch["error"].to_pylist() == [None, "corrupt archive member: CRC mismatch", None, None]
+    np.testing.assert_array_equal(shards.pixels_numpy(batch["pixels"])[[0, 2, 3]], images[[0, 2, 3]])
+    names = [f"c{i}" for i in range(10)]
+    out = Predictor(lambda: _fake_model, "m", class_names=names)(batch)
+    assert out["class_name"].to_pylist() == [None if p is None else names[p] for p in out["prediction"].to_pylist()]
+    assert out["class_name"][1].as_py() is None and out["class_name"].null_count == 1

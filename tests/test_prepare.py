@@ -40,10 +40,10 @@ def test_idx_round_trip_is_pixel_exact(ray_local, tmp_path, mnist_idx_dir, mnist
     np.testing.assert_array_equal(preprocess.decode_gray_batch(table["image"].to_pylist()), images[order])
     np.testing.assert_array_equal(table["label"].to_numpy(), labels[order])
     assert set(table["split"].to_pylist()) == {"test"}
-    # Schema 2: the model's 28x28 input is stored beside the PNG (MNIST digits pass unchanged).
+    # Since schema 2: the model's 28x28 input is stored beside the PNG (MNIST digits pass unchanged).
     np.testing.assert_array_equal(shards.pixels_numpy(table["pixels"]), images[order])
     manifest = json.loads((tmp_path / "idx" / "_manifest.json").read_text())
-    assert manifest["schema_version"] == 2 and manifest["pixels_missing"] == 0
+    assert manifest["schema_version"] == 3 and manifest["pixels_missing"] == 0
     assert manifest["splits"]["test"]["labels"] == {str(k): int(v) for k, v in enumerate(np.bincount(labels))}
 
 
