@@ -34,6 +34,8 @@ COMMANDS = {
                 "classify a few image files here and now: class and the ten percentages"),
     "bench": ("mnist_ray.bench", "BenchConfig",
               "images/s of batch inference: naive loop, forward-pass ceiling, the whole job; training"),
+    "robustness": ("mnist_ray.robustness", "RobustnessConfig",
+                   "accuracy on inputs not trained on: MNIST test, UCI scans, unseen fonts, phone photos"),
     "compress": ("mnist_ray.compress", "CompressConfig",
                  "quantize, prune and distill a model dir; every variant a model dir, compared in one table"),
 }

@@ -255,15 +255,16 @@ def _is_shards(uri: str) -> bool:
         raise MnistRayError(storage.describe_error(e, uri)) from e
 
 
-def _shard_columns(manifest: dict) -> list[str]:
-    """The columns inference reads: the stored pixels where the shards have them (then the
-    encoded image only if some rows have no pixels), else the encoded image."""
-    if not shards.has_pixels(manifest):
+def _shard_columns(manifest: dict, model_metadata: dict) -> list[str]:
+    """The columns inference reads: the stored pixels where the shards have them and made them
+    with the model's preprocessing version (then the encoded image only if some rows have no
+    pixels), else the encoded image."""
+    if not shards.pixels_usable(manifest, model_metadata):
         return ["id", "image", "label", "path"]
     return ["id", "pixels", "label", "path"] + (["image"] if manifest.get("pixels_missing", 0) else [])
 
 
-def _open_input(uri: str):
+def _open_input(uri: str, model_metadata: dict):
     """Everything about the input that needs no Ray: (description, a function that digests its
     ids, a few real rows for the smoke test, a function that makes the streaming Ray Dataset).
 
@@ -274,7 +275,7 @@ def _open_input(uri: str):
 
     if _is_shards(uri):
         loc, manifest = shards.open_shards(uri)
-        columns = _shard_columns(manifest)
+        columns = _shard_columns(manifest, model_metadata)
         paths = shards.shard_paths(loc, manifest)
         sample = None
         if paths:
@@ -568,7 +569,7 @@ def run(cfg: InferConfig) -> dict:
     model_local, metadata = export.open_model_dir(cfg.model)
     runtimes.check(model_local, cfg.runtime)
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-    source, digest_input, sample, dataset = _open_input(cfg.input)
+    source, digest_input, sample, dataset = _open_input(cfg.input, metadata)
     # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
     # Ray starts and the read is planned, then the digest of the input ids (it reads every id
     # once) while the job runs; beside ray.init it held the GIL and slowed Ray's start-up.

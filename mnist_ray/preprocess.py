@@ -30,6 +30,8 @@ DECODE_SIDE = 512
 # Ink must stand out of the paper by this much (of 255) to count: paper noise, JPEG artefacts
 # and uneven light stay below it, the faintest pencil scans tried are above 40.
 BLANK_CONTRAST = 24.0
+# 28x28 pictures whose paper is at most this dark grey are MNIST-like already (MNIST: 0).
+MNIST_PAPER = 8.0
 _MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"II*\x00", "TIFF"),
           (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "WEBP"))
 
@@ -221,8 +223,9 @@ def flatten_light(img: np.ndarray, rounds: int = 3) -> np.ndarray:
         fit = paper[::step, ::step].ravel()
         if fit.sum() < 12 or spread < 2.0:
             break
-        coef = np.linalg.lstsq(a[fit], sample[fit], rcond=None)[0]
-        surface = basis(*(g.astype(np.float64) for g in np.mgrid[0:h, 0:w])) @ coef
+        c = np.linalg.lstsq(a[fit], sample[fit], rcond=None)[0]
+        y, x = (np.linspace(-1.0, 1.0, h)[:, None], np.linspace(-1.0, 1.0, w)[None, :])
+        surface = c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y
         candidate = np.clip(img - surface + surface.mean(), 0, 255).astype(np.float32)
         if _spread(candidate[_paper(candidate)]) > 0.5 * spread:
             break
@@ -252,14 +255,20 @@ def mnist_like(gray: np.ndarray) -> np.ndarray:
     """A grayscale picture of one digit -> 28x28 uint8 the way MNIST digits look: white on black,
     the digit cropped, fit in a 20x20 box (aspect kept) and centred by its centre of mass.
 
-    28x28 input is taken as already MNIST-like (only the polarity is checked), so MNIST and
-    Fashion-MNIST images pass through unchanged. Raises ImageError for a picture without ink.
+    28x28 input on black paper (after the polarity check) is taken as already MNIST-like, so
+    MNIST and Fashion-MNIST images pass through unchanged. Raises ImageError for a picture without ink.
     """
     from scipy import ndimage
 
     img = gray.astype(np.float32)
     if img.shape == (MODEL_SIZE, MODEL_SIZE):
-        return np.clip(255.0 - img if ink_is_dark(img, otsu_threshold(img)) else img, 0, 255).astype(np.uint8)
+        threshold = otsu_threshold(img)
+        if ink_is_dark(img, threshold):
+            img, threshold = 255.0 - img, 255.0 - threshold
+        paper = img[img <= threshold]
+        if not paper.size or np.median(paper) <= MNIST_PAPER:
+            return np.clip(img, 0, 255).astype(np.uint8)
+        img = gray.astype(np.float32)  # 28x28 but on grey paper (a small print, a crop): normalised
     img = flatten_light(img)
     threshold = otsu_threshold(img)
     if ink_is_dark(img, threshold):

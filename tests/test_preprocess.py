@@ -292,3 +292,20 @@ def test_a_blank_page_is_blank():
 def test_otsu_threshold_separates_two_levels():
     img = np.array([[10] * 50 + [200] * 30], np.float32)
     assert 10 < preprocess.otsu_threshold(img) < 200
+
+
+def test_stored_pixels_are_used_only_with_the_models_preprocessing_version():
+    from mnist_ray import shards
+
+    now = {"schema_version": 2, "preprocess_version": preprocess.PREPROCESS_VERSION}
+    model = {"preprocessing": {"version": preprocess.PREPROCESS_VERSION}}
+    assert shards.pixels_usable(now, model)
+    assert not shards.pixels_usable({"schema_version": 2}, model)  # made before versions: v1
+    assert not shards.pixels_usable({"schema_version": 1}, model)  # no pixels at all
+    assert shards.pixels_usable({"schema_version": 2}, {"preprocessing": {}})  # both v1
+    assert not shards.pixels_usable(now, {"preprocessing": {}})
+    manifest = shards.build_manifest("r", "test", {"rows": 0, "splits": {}, "files": [], "rejected": [],
+                                                   "pixels_missing": 0, "fingerprint": "f"})
+    from mnist_ray import export
+
+    assert manifest["preprocess_version"] == export.PREPROCESSING["version"] == preprocess.PREPROCESS_VERSION
