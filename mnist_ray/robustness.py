@@ -190,13 +190,18 @@ def score(runtime, encoded: list[bytes], labels: np.ndarray) -> dict:
             "most_read_as": {str(c): int(confused[c]) for c in np.argsort(-confused)[:3] if confused[c]}}
 
 
+TABLE_HEADER = ("| set | rows | accuracy | error rows | of them blank | wrong answers most often read as |\n"
+                "| --- | ---: | ---: | ---: | ---: | --- |")
+
+
+def format_row(name: str, r: dict) -> str:
+    common = ", ".join(f"{c} ({n})" for c, n in r["most_read_as"].items())
+    return (f"| {name} | {r['rows']:,} | {r['accuracy'] * 100:.2f} % | {r['error_rows']} | "
+            f"{r['blank_rows']} | {common} |")
+
+
 def format_table(report: dict) -> str:
-    rows = ["| set | rows | accuracy | error rows | of them blank | wrong answers most often |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for name, r in report["sets"].items():
-        common = ", ".join(f"{c} ({n})" for c, n in r["most_read_as"].items())
-        rows.append(f"| {name} | {r['rows']:,} | {r['accuracy'] * 100:.2f} % | {r['error_rows']} | "
-                    f"{r['blank_rows']} | {common} |")
-    return "\n".join(rows)
+    return "\n".join([TABLE_HEADER] + [format_row(n, r) for n, r in report["sets"].items()])
 
 
 def run(cfg: RobustnessConfig) -> dict:
@@ -207,16 +212,19 @@ def run(cfg: RobustnessConfig) -> dict:
     runtime = runtimes.load(local, cfg.runtime)
     report = {"model": cfg.model, "model_version": metadata["version"], "runtime": cfg.runtime,
               "preprocess_version": preprocess.PREPROCESS_VERSION, "config": dataclasses.asdict(cfg), "sets": {}}
+    print(TABLE_HEADER, flush=True)  # a row per set as it is scored: the photos take minutes
     for name in cfg.set_list():
         started = time.perf_counter()
         encoded, labels = load_set(name, cfg)
         report["sets"][name] = {**score(runtime, encoded, labels), "seconds": round(time.perf_counter() - started, 1)}
+        print(format_row(name, report["sets"][name]), flush=True)
         if name == "photos":  # (a) on the very digits photographed, to compare (d) with
             images, all_labels = mnist_test_arrays()
             n = photo_count(cfg)
-            report["sets"]["mnist, the photographed digits"] = score(
-                runtime, preprocess.encode_png(np.ascontiguousarray(images[:n])), all_labels[:n])
-    print(format_table(report), flush=True)
+            same = "mnist, the photographed digits"
+            report["sets"][same] = score(runtime, preprocess.encode_png(np.ascontiguousarray(images[:n])),
+                                         all_labels[:n])
+            print(format_row(same, report["sets"][same]), flush=True)
     if cfg.output:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
         with open(cfg.output, "w") as f:

@@ -47,6 +47,7 @@ def test_score_counts_error_rows_as_wrong_and_names_them():
     assert r["rows"] == 11 and r["accuracy"] == round(5 / 11, 4) and r["error_rows"] == 2
     assert r["blank_rows"] == 0 and r["errors"] == ["empty file (0 bytes)", "not an image (starts with 'not an ima')"]
     assert r["most_read_as"] == {"0": 4}
+    assert robustness.format_row("x", r) == "| x | 11 | 45.45 % | 2 | 0 | 0 (4) |"
 
 
 def test_bad_sets_are_refused():
