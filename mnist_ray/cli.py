@@ -36,6 +36,8 @@ COMMANDS = {
               "images/s of batch inference: naive loop, forward-pass ceiling, the whole job; training"),
     "serve": ("mnist_ray.serve", "ServeConfig",
               "the model behind HTTP on Ray Serve (batched), with a page to try it; or a Serve config"),
+    "robustness": ("mnist_ray.robustness", "RobustnessConfig",
+                   "accuracy on inputs not trained on: MNIST test, UCI scans, unseen fonts, phone photos"),
     "compress": ("mnist_ray.compress", "CompressConfig",
                  "quantize, prune and distill a model dir; every variant a model dir, compared in one table"),
 }

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pyarrow.fs as pafs
 
-from mnist_ray import __version__, models, runtimes, storage
+from mnist_ray import __version__, models, preprocess, runtimes, storage
 from mnist_ray.errors import MnistRayError
 
 FORMAT_VERSION = 1
@@ -36,8 +36,10 @@ CLASS_NAMES = {
 }
 DIGITS = [str(i) for i in range(10)]
 # What inference must do to an image before the model sees it (read by `mnist-ray infer`).
+# ``version`` is preprocess.PREPROCESS_VERSION: stored pixels of another version are recomputed.
 PREPROCESSING = {"color": "grayscale", "size": [28, 28], "polarity": "white-on-black",
-                 "scale": "pixels / 255", "dtype": "float32", "layout": "NHWC"}
+                 "scale": "pixels / 255", "dtype": "float32", "layout": "NHWC",
+                 "version": preprocess.PREPROCESS_VERSION}
 PRODUCER = "mnist-ray train --data SHARDS --output MODEL_DIR"
 MODEL_FILES = ("model.keras", "metadata.json")
 

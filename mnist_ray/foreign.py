@@ -329,7 +329,7 @@ def to_rows(table: pa.Table, cols: Columns, file_id: str, first_row: int, *, enc
                     if encode:
                         png[i] = preprocess.encode_png(gray[None])[0]
                 except ValueError as e:
-                    errors[i] = f"ValueError: {e}"
+                    errors[i] = preprocess.describe_error(e)
         from mnist_ray import shards
 
         pixels = shards.pixels_column(model, valid)

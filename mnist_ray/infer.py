@@ -105,7 +105,7 @@ def run(cfg: InferConfig) -> dict:
     runtimes.check(model_local, expected_runtime)
     loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
     source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
-                                                                 cfg.image_shape))
+                                                                 cfg.image_shape), model_metadata=metadata)
     # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
     # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
     # beside ray.init it held the GIL and slowed Ray's start-up.

@@ -123,10 +123,11 @@ def tutorial_cnn(width: float = 1.0):
     return k.Model(x0, k.layers.Dense(NUM_CLASSES, activation="softmax")(x), name="tutorial_cnn")
 
 
-@register("default", "recommended: VGG-style BN CNN (32-64-128), global pooling; augmentation, "
-          "label smoothing, AdamW, warmup + cosine, weight EMA",
+@register("default", "recommended: VGG-style BN CNN (32-64-128), global pooling; augmentation (affine; "
+          "scans, thick, blurred, photographed; printed digits), label smoothing, AdamW, warmup + cosine, weight EMA",
           epochs=40, batch_size=64, learning_rate=3e-3, augment=True,
-          weight_decay=5e-4, warmup_epochs=2, label_smoothing=0.1, ema_momentum=0.998)
+          weight_decay=5e-4, warmup_epochs=2, label_smoothing=0.1, ema_momentum=0.998,
+          degrade_rate=0.5, printed_per_class=60)
 def default(width: float = 1.0, dropout: float = 0.3):
     k = keras()
     L = k.layers

@@ -5,7 +5,8 @@ binary (PNG or JPEG), path: string} (Hugging Face's ``Image`` feature), ``label`
 when unknown; a ``ClassLabel``), ``split`` string (null when the source has none), ``path``
 string (the source file, for image folders; null otherwise), ``pixels``
 fixed_size_binary(784): the 28x28 uint8 the model sees (``preprocess.prepare_pixels`` of
-``image``, row-major, white digit on black), null where that fails (e.g. a blank image).
+``image``, row-major, white digit on black), null where that fails (e.g. a blank image); the
+manifest's ``preprocess_version`` says which ``preprocess.PREPROCESS_VERSION`` made them.
 The Parquet schema metadata declares every column's ``datasets`` feature (key
 ``huggingface``), so ``datasets.load_dataset("parquet", ...)`` gives images and class names.
 
@@ -137,6 +138,15 @@ def has_pixels(manifest: dict) -> bool:
     return manifest.get("schema_version", 1) >= 2
 
 
+def pixels_usable(manifest: dict, model_metadata: dict) -> bool:
+    """Whether a model may take the shards' stored ``pixels`` as its input: the shards carry
+    them and made them with the preprocessing version the model was trained with (records
+    written before versions existed are version 1); otherwise recompute them from ``image``."""
+    stored = manifest.get("preprocess_version", 1)
+    trained = model_metadata.get("preprocessing", {}).get("version", 1)
+    return has_pixels(manifest) and stored == trained
+
+
 def row_digests(table: pa.Table) -> np.ndarray:
     """A 32-byte digest per row over everything stored: (N, 32) uint8."""
     ids, images = table["id"].to_pylist(), image_bytes(table["image"]).to_pylist()
@@ -228,7 +238,8 @@ def build_manifest(run_id: str, source: str, summary: dict, config: dict | None 
     from mnist_ray import __version__
 
     return {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": run_id,
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "preprocess_version": preprocess.PREPROCESS_VERSION,
+        "run_id": run_id,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": source, **({"config": config} if config is not None else {}), "mnist_ray_version": __version__,
         "schema": {f.name: str(f.type) for f in SCHEMA}, "class_names": list(class_names or DIGIT_NAMES),

@@ -68,9 +68,10 @@ class ShardSource(Source):
 
     kind, resume_key = "shards", "id"
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, model_metadata: dict | None = None):
         self.loc, self.manifest = shards.open_shards(uri)
         self.paths = shards.shard_paths(self.loc, self.manifest)
+        self.model_metadata = model_metadata
         super().__init__(uri, rows=self.manifest["rows"], fingerprint=self.manifest["fingerprint"])
 
     @classmethod
@@ -82,9 +83,12 @@ class ShardSource(Source):
             raise MnistRayError(storage.describe_error(e, uri)) from e
 
     def columns(self) -> list[str]:
-        """The stored pixels where the shards have them (then the encoded image only if some rows
-        have no pixels), else the encoded image."""
-        if not shards.has_pixels(self.manifest):
+        """The stored pixels where the shards have them and made them with the model's
+        preprocessing version (then the encoded image only if some rows have no pixels), else
+        the encoded image: a changed ``mnist_like`` never scores stale pixels."""
+        usable = (shards.has_pixels(self.manifest) if self.model_metadata is None
+                  else shards.pixels_usable(self.manifest, self.model_metadata))
+        if not usable:
             return ["id", "image", "label", "path"]
         return ["id", "pixels", "label", "path"] + (["image"] if self.manifest.get("pixels_missing", 0) else [])
 
@@ -241,9 +245,13 @@ class ParquetSource(PlannedSource):
 KINDS: tuple[type[Source], ...] = (ShardSource, ArchiveSource, ParquetSource, ImageFolderSource)
 
 
-def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()) -> Source:
-    """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet."""
+def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice(),
+                model_metadata: dict | None = None) -> Source:
+    """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet;
+    ``model_metadata`` (the model's metadata.json) decides whether stored pixels are usable."""
     kind = next(kind for kind in KINDS if kind.claims(uri))
+    if kind is ShardSource:
+        return kind(uri, model_metadata)
     if kind is ParquetSource:
         return kind(uri, columns)
     if columns != foreign.ColumnChoice():

@@ -24,14 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import cluster, compat, models, preprocess, shards, storage
+from mnist_ray import augment, cluster, compat, models, preprocess, shards, storage, synthetic
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_BUCKETS = 10
 # Recipe settings a model spec may set (models.register); not flags, since they belong to the model.
-RECIPE_DEFAULTS = {"weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0, "ema_momentum": None}  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
+RECIPE_DEFAULTS = {"weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0, "ema_momentum": None,
+                   # robustness (augment.py, synthetic.py): the share of training images shown as
+                   # a degraded picture, and printed digits (per class) added to the training set
+                   "degrade_rate": 0.0, "printed_per_class": 0}  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
 
 
 @dataclass(frozen=True)
@@ -110,22 +113,49 @@ def assign_split(ids: list[str], splits: list[str | None], val_split: str, holdo
     return out
 
 
-def decode_for_training(batch: pa.Table, keep: list[str], val_split: str, holdout: bool) -> pa.Table:
-    """Shard rows of the wanted splits -> normalized model input and int labels."""
+def decode_for_training(batch: pa.Table, keep: list[str], val_split: str, holdout: bool,
+                        variant_seed: int | None = None) -> pa.Table:
+    """Shard rows of the wanted splits -> normalized model input and int labels (and, with
+    ``variant_seed``, a degraded picture of every image: ``augment.degrade_batch``)."""
     from ray.data.extensions import ArrowTensorArray
 
     split = assign_split(batch["id"].to_pylist(), batch["split"].to_pylist(), val_split, holdout)
     mask = np.isin(split, keep)
     images = [b for b, m in zip(batch["image"].to_pylist(), mask) if m]
+    x = preprocess.to_model_input(images)
     # An explicit tensor column: a batch with no wanted row must keep the same schema.
-    return pa.table({"image": ArrowTensorArray.from_numpy(preprocess.to_model_input(images)),
-                     "label": pa.array(batch["label"].to_numpy(zero_copy_only=False)[mask].astype(np.int32))})
+    columns = {"image": ArrowTensorArray.from_numpy(x),
+               "label": pa.array(batch["label"].to_numpy(zero_copy_only=False)[mask].astype(np.int32))}
+    if variant_seed is not None:
+        ids = [i for i, m in zip(batch["id"].to_pylist(), mask) if m]
+        pixels = np.round(x[..., 0] * 255).astype(np.uint8)
+        columns["variant"] = ArrowTensorArray.from_numpy(preprocess.normalize(
+            augment.degrade_batch(pixels, ids, variant_seed)))
+    return pa.table(columns)
 
 
-def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool):
+def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool, variant_seed: int | None = None):
     ds = shards.read_dataset(data, columns=["id", "image", "label", "split"])
-    return ds.map_batches(decode_for_training, batch_format="pyarrow", batch_size=4096,
-                          fn_kwargs={"keep": keep, "val_split": val_split, "holdout": holdout})
+    return ds.map_batches(decode_for_training, batch_format="pyarrow", batch_size=512,
+                          fn_kwargs={"keep": keep, "val_split": val_split, "holdout": holdout,
+                                     "variant_seed": variant_seed})
+
+
+def printed_dataset(per_class: int, seed: int):
+    """Printed digits of synthetic.TRAIN_FONTS in the training schema (image, label, variant:
+    a second rendering), rendered here in the driver."""
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    images, labels = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed)
+    variants, _ = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed + 1)
+    return ray.data.from_arrow(pa.table({
+        "image": ArrowTensorArray.from_numpy(preprocess.normalize(images)), "label": pa.array(labels, pa.int32()),
+        "variant": ArrowTensorArray.from_numpy(preprocess.normalize(variants))}))
+
+
+def _recipe(model: str, key: str):
+    return models.get_spec(model).defaults.get(key, RECIPE_DEFAULTS[key])
 
 
 def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
@@ -145,7 +175,7 @@ def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
     rows = sum(splits[s]["rows"] for s in train_splits)
     if holdout:
         rows = int(rows * (1 - 1 / HOLDOUT_BUCKETS))
-    return train_splits, holdout, rows
+    return train_splits, holdout, rows + 10 * _recipe(cfg.model, "printed_per_class")
 
 
 MIN_CPUS_PER_WORKER = 0.25
@@ -178,36 +208,7 @@ def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
 
 # --- the training loop (runs inside every Ray Train worker) ------------------------------------
 
-def augment_batch(images, seed, max_rotation_deg=12.0, max_scale=0.12, max_shear_deg=8.0, max_shift=2.5):
-    """A random affine map per image (rotation, scale, shear, shift), as handwriting varies.
-
-    ``images``: float32 (B, 28, 28, 1) in [0, 1]; ``seed``: int tensor of shape [2] (stateless,
-    so a restarted epoch sees the same augmentation).
-    """
-    import tensorflow as tf
-
-    images = tf.convert_to_tensor(images, tf.float32)
-    b = tf.shape(images)[0]
-    h, w = tf.cast(tf.shape(images)[1], tf.float32), tf.cast(tf.shape(images)[2], tf.float32)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5)
-
-    def uniform(i, limit, center=0.0):
-        return tf.random.stateless_uniform([b], seeds[i], center - limit, center + limit)
-
-    rad = math.pi / 180.0
-    rotation, shear = uniform(0, max_rotation_deg) * rad, uniform(1, max_shear_deg) * rad
-    inv_scale = 1.0 / uniform(2, max_scale, 1.0)
-    tx, ty = uniform(3, max_shift), uniform(4, max_shift)
-    cos, sin = tf.cos(rotation), tf.sin(rotation)
-    a0, a1 = cos * inv_scale, (-sin + cos * tf.tan(shear)) * inv_scale
-    b0, b1 = sin * inv_scale, (cos + sin * tf.tan(shear)) * inv_scale
-    cx, cy = (w - 1.0) / 2.0, (h - 1.0) / 2.0  # about the image centre
-    a2, b2 = cx - a0 * cx - a1 * cy - tx, cy - b0 * cx - b1 * cy - ty
-    zeros = tf.zeros_like(a0)
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1),
-        output_shape=tf.shape(images)[1:3], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return tf.clip_by_value(out, 0.0, 1.0)
+augment_batch = augment.affine_batch  # the per-batch affine augmentation (its home: augment.py)
 
 
 def build_optimizer(config: dict):
@@ -298,11 +299,19 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start_epoch, config["epochs"]):  # never past the requested count
         started = time.perf_counter()
         # drop_last: a tiny last batch would drag BatchNorm's moving variance towards 0.
-        ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
-                               local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
+        offset = (config["seed"] * 1000 + epoch) * 100_000 + rank * 10_000
+        rate = config["degrade_rate"]
+        if rate or config["printed_per_class"]:
+            # Each image, or (with probability `rate`, new every epoch) its degraded picture.
+            ds = train_shard.to_tf(["image", "variant"], "label", batch_size=config["batch_size"], drop_last=True,
+                                   local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
+            ds = ds.enumerate().map(lambda i, xy: (augment.pick_variants(
+                xy[0]["image"], xy[0]["variant"], tf.stack([tf.constant(offset + 5000, tf.int64), i]), rate), xy[1]))
+        else:
+            ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
+                                   local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
         ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)))
         if config["augment"]:
-            offset = (config["seed"] * 1000 + epoch) * 100_000 + rank * 10_000
             ds = ds.enumerate().map(
                 lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -372,8 +381,12 @@ def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
     # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
     # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
     # share holds half the classes computes skewed BatchNorm statistics.
-    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout).random_shuffle(
-        seed=cfg.seed).materialize()
+    degrade, printed = _recipe(cfg.model, "degrade_rate"), _recipe(cfg.model, "printed_per_class")
+    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout,
+                              variant_seed=cfg.seed if degrade or printed else None)
+    if printed:
+        train_ds = train_ds.union(printed_dataset(printed, cfg.seed))
+    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
     val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
     if val_ds.count() == 0:
         raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")

@@ -29,8 +29,8 @@ def test_holdout_is_stable_and_about_a_tenth_of_train():
     assert HOLDOUT_BUCKETS == 10
 
 
-def test_decode_for_training_uses_the_shared_preprocessing_and_keeps_its_schema_when_empty():
-    images = np.random.default_rng(0).integers(0, 120, (4, 28, 28), dtype=np.uint8)  # dark background
+def test_decode_for_training_uses_the_shared_preprocessing_and_keeps_its_schema_when_empty(mnist_test_arrays):
+    images = mnist_test_arrays[0][:4]
     batch = pa.table({"id": ["a", "b", "c", "d"], "image": preprocess.encode_png(images),
                       "label": pa.array([1, 2, 3, 4], pa.int8()), "split": ["train", "val", "train", "val"]})
     out = decode_for_training(batch, ["train"], "val", holdout=False)
@@ -38,6 +38,11 @@ def test_decode_for_training_uses_the_shared_preprocessing_and_keeps_its_schema_
     assert out["label"].to_pylist() == [1, 3]
     empty = decode_for_training(batch, ["test"], "val", holdout=False)
     assert empty.num_rows == 0 and empty.schema == out.schema
+    # With a variant seed: every image also as a degraded picture (augment.degrade), same schema.
+    varied = decode_for_training(batch, ["train"], "val", holdout=False, variant_seed=0)
+    variant = varied["variant"].combine_chunks().to_numpy_ndarray()
+    assert variant.shape == (2, 28, 28, 1) and not np.array_equal(variant, preprocess.normalize(images[[0, 2]]))
+    assert decode_for_training(batch, ["test"], "val", holdout=False, variant_seed=0).schema == varied.schema
 
 
 def test_augmentation_keeps_shape_and_mass_and_varies_with_the_seed():
@@ -82,8 +87,10 @@ def test_data_checks_catch_unlabelled_and_missing_splits():
         check_data(TrainConfig(), manifest)
     with pytest.raises(MnistRayError, match="no rows in split 'train'"):
         check_data(TrainConfig(), {"splits": {"test": {"rows": 10, "labels": {"1": 10}}}})
-    splits, holdout, rows = check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
+    splits, holdout, rows = check_data(TrainConfig(model="cnn"), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
     assert splits == ["train"] and holdout and rows == 90
+    # The default model's recipe adds 60 printed digits of every class to the training rows.
+    assert check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})[2] == 90 + 600
 
 
 # --- real Ray Train ------------------------------------------------------------------------

@@ -1,0 +1,27 @@
+import os
+
+import numpy as np
+
+from mnist_ray import synthetic
+
+
+def test_train_and_measure_fonts_ship_with_matplotlib_and_do_not_overlap():
+    assert not set(synthetic.TRAIN_FONTS) & set(synthetic.MEASURE_FONTS)
+    for name in synthetic.TRAIN_FONTS + synthetic.MEASURE_FONTS:
+        assert os.path.isfile(synthetic.font_path(name)), name
+
+
+def test_printed_digits_are_mnist_like_and_legible():
+    images, labels = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class=3, seed=0)
+    assert images.shape == (30, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == list(range(10)) * 3
+    assert (images.max(axis=(1, 2)) > 200).all()
+    assert (np.median(images.reshape(30, -1), axis=1) == 0).all()  # white digit on black
+    # A digit's renderings in different fonts look more alike than two different digits do.
+    flat = images.reshape(30, -1).astype(float)
+    corr = np.corrcoef(flat)
+    same = np.mean([corr[i, i + 10] for i in range(20)])
+    other = np.mean([corr[i, j] for i in range(10) for j in range(10) if i != j])
+    assert same > other + 0.2
+    again, _ = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class=3, seed=0)
+    np.testing.assert_array_equal(images, again)
