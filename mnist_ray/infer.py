@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mnist_ray import __version__, cluster, datasets, export, preprocess, runtimes, shards, storage
+from mnist_ray import __version__, cluster, datasets, export, lock, preprocess, runtimes, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -567,27 +567,28 @@ def run(cfg: InferConfig) -> dict:
     started = time.perf_counter()
     model_local, metadata = export.open_model_dir(cfg.model)
     runtimes.check(model_local, cfg.runtime)
-    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-    source, digest_input, sample, dataset = _open_input(cfg.input)
-    # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
-    # Ray starts and the read is planned, then the digest of the input ids (it reads every id
-    # once) while the job runs; beside ray.init it held the GIL and slowed Ray's start-up.
-    background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
-    stop = threading.Event()
-    try:
-        smoke = background.submit(_smoke_test, model_local, cfg, sample)
-        connecting = time.perf_counter()
+    with lock.output_lock(cfg.output):
+        loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
+        source, digest_input, sample, dataset = _open_input(cfg.input)
+        # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
+        # Ray starts and the read is planned, then the digest of the input ids (it reads every id
+        # once) while the job runs; beside ray.init it held the GIL and slowed Ray's start-up.
+        background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
+        stop = threading.Event()
         try:
-            cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
-            ray_startup = time.perf_counter() - connecting
-            ds = dataset()
+            smoke = background.submit(_smoke_test, model_local, cfg, sample)
+            connecting = time.perf_counter()
+            try:
+                cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
+                ray_startup = time.perf_counter() - connecting
+                ds = dataset()
+            finally:
+                smoke.result()
+            expected = background.submit(digest_input, stop)
+            return _score(cfg, started, ray_startup, loc, source, metadata, ds, expected)
         finally:
-            smoke.result()
-        expected = background.submit(digest_input, stop)
-        return _score(cfg, started, ray_startup, loc, source, metadata, ds, expected)
-    finally:
-        stop.set()  # a failed run does not wait for the digest of 100M ids
-        background.shutdown(wait=False, cancel_futures=True)
+            stop.set()  # a failed run does not wait for the digest of 100M ids
+            background.shutdown(wait=False, cancel_futures=True)
 
 
 def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Location, source: dict,

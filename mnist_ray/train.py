@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import cluster, models, preprocess, shards, storage
+from mnist_ray import cluster, lock, models, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -437,26 +437,27 @@ def run(cfg: TrainConfig) -> dict:
     train_splits, holdout, train_rows = _check_data(cfg, manifest)
     from mnist_ray import export
 
-    export.check_output(cfg.output, overwrite=cfg.overwrite)
-    name = cfg.run_name(manifest["fingerprint"])
-    run_loc = _prepare_run_storage(cfg, name)
-    cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
-    cpus = _cpus_per_worker(cfg)
+    with lock.output_lock(cfg.output, beside=True):  # a model dir is replaced whole
+        export.check_output(cfg.output, overwrite=cfg.overwrite)
+        name = cfg.run_name(manifest["fingerprint"])
+        run_loc = _prepare_run_storage(cfg, name)
+        cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
+        cpus = _cpus_per_worker(cfg)
 
-    import ray.train
+        import ray.train
 
-    started = time.perf_counter()
-    train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
-    datasets = {"train": train_ds, "val": val_ds}
-    trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
-                            f"rerun with --resume to continue from the last epoch (run {name})") from e
-    train_seconds = time.perf_counter() - started
-    summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
-                                         datasets=datasets, run_name=name, train_seconds=train_seconds,
-                                         overwrite=cfg.overwrite)
-    return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
-            "train_seconds": round(train_seconds, 1), **summary}
+        started = time.perf_counter()
+        train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+        datasets = {"train": train_ds, "val": val_ds}
+        trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
+                                f"rerun with --resume to continue from the last epoch (run {name})") from e
+        train_seconds = time.perf_counter() - started
+        summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
+                                             datasets=datasets, run_name=name, train_seconds=train_seconds,
+                                             overwrite=cfg.overwrite)
+        return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
+                "train_seconds": round(train_seconds, 1), **summary}
