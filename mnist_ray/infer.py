@@ -73,6 +73,7 @@ class InferConfig:
     rows_per_file: int = field(default=200_000, metadata={"help": "rows per output Parquet file"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing predictions"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"batch_size": 128, "actors": "1"}}
 
@@ -169,8 +170,11 @@ class PredictorActor(Predictor):
     """The Ray actor: opens the model dir (downloading it when remote) and loads it once."""
 
     def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None):
+        import ray
+
         started = time.perf_counter()
         self.progress, self.unreported, self.reported_at = progress, 0, 0.0
+        self.node = ray.get_runtime_context().get_node_id()  # rows are counted by node
         if use_gpu:
             import tensorflow as tf
 
@@ -184,7 +188,7 @@ class PredictorActor(Predictor):
 
         super().__init__(load, model_version)
         if progress is not None:
-            progress.actor_ready.remote(time.time(), time.perf_counter() - started)
+            progress.actor_ready.remote(time.time(), time.perf_counter() - started, self.node)
 
     # Rows scored are reported at most once a second (and at once for the first batch, the
     # figure "first prediction"): one call per batch cost the progress actor ~3 % of a core.
@@ -196,9 +200,20 @@ class PredictorActor(Predictor):
             self.unreported += out.num_rows
             now = time.time()
             if now - self.reported_at >= self.REPORT_EVERY_S:
-                self.progress.scored.remote(self.unreported, now)  # fire and forget
+                self.progress.scored.remote(self.unreported, now, self.node)  # fire and forget
                 self.unreported, self.reported_at = 0, now
         return out
+
+    def __del__(self):
+        """The rows not reported yet (Ray Data calls this when the pool ends): waited for, since
+        the process exits next."""
+        if getattr(self, "progress", None) is not None and self.unreported:
+            import ray
+
+            try:
+                ray.get(self.progress.scored.remote(self.unreported, time.time(), self.node), timeout=10)
+            except Exception:  # noqa: BLE001 - the driver may be gone already
+                pass
 
 
 class Progress:
@@ -209,18 +224,24 @@ class Progress:
 
     def __init__(self):
         self.rows, self.ready, self.load_seconds, self.first_at = 0, [], [], None
+        self.nodes: dict[str, dict] = {}  # node id -> actors started there, rows scored there
 
-    def actor_ready(self, at: float, load_seconds: float) -> None:
+    def _node(self, node: str | None) -> dict:
+        return self.nodes.setdefault(node or "unknown", {"actors": 0, "rows": 0})
+
+    def actor_ready(self, at: float, load_seconds: float, node: str | None = None) -> None:
         self.ready.append(at)
         self.load_seconds.append(load_seconds)
+        self._node(node)["actors"] += 1
 
-    def scored(self, rows: int, at: float) -> None:
+    def scored(self, rows: int, at: float, node: str | None = None) -> None:
         self.rows += rows
         self.first_at = self.first_at or at
+        self._node(node)["rows"] += rows
 
     def state(self) -> dict:
         return {"rows": self.rows, "ready": self.ready, "load_seconds": self.load_seconds,
-                "first_at": self.first_at}
+                "first_at": self.first_at, "nodes": self.nodes}
 
 
 def _checkpoint_filter_cls():
@@ -560,6 +581,19 @@ class _ProgressLines(threading.Thread):
                      f"{done:,}", f"{self.todo:,}", 100 * done / max(self.todo, 1), rate, eta)
 
 
+def _final_progress(progress, rows: int, wait_s: float = 5.0) -> dict:
+    """The progress actor's state once the actors reported their last rows (they do as the pool
+    shuts down, a moment after the write returns), or after ``wait_s`` what has arrived."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = ray.get(progress.state.remote())
+        if state["rows"] >= rows or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
 def run(cfg: InferConfig) -> dict:
     """Score ``cfg.input`` with the model dir ``cfg.model``; publish predictions at ``cfg.output``."""
     cluster.configure_process_env()
@@ -579,7 +613,8 @@ def run(cfg: InferConfig) -> dict:
             smoke = background.submit(_smoke_test, model_local, cfg, sample)
             connecting = time.perf_counter()
             try:
-                cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
+                cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output),
+                                shared_storage=cfg.shared_storage)
                 ray_startup = time.perf_counter() - connecting
                 ds = dataset()
             finally:
@@ -623,13 +658,13 @@ def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Lo
     try:
         predictions.write_parquet(loc.join(work, "data"), filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                                   ray_remote_args={"num_cpus": IO_CPUS})
-        timing = ray.get(progress.state.remote())
+        seconds = time.perf_counter() - scoring_started
+        timing = _final_progress(progress, source["rows"] - resumed)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
     finally:
         lines.stopped.set()
         ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
-    seconds = time.perf_counter() - scoring_started
 
     # Only the ids and the failed rows come back to the driver, however many rows.
     files, written, bad = _written_files(loc, work)
@@ -652,6 +687,8 @@ def _score(cfg: InferConfig, started: float, ray_startup: float, loc: storage.Lo
         "actor_startup_seconds": round(max(timing["ready"]) - scoring_wall, 2) if timing["ready"] else None,
         "model_load_seconds": round(max(timing["load_seconds"]), 2) if timing["load_seconds"] else None,
         "first_prediction_seconds": round(timing["first_at"] - scoring_wall, 2) if timing["first_at"] else None,
+        # Where the predictor actors ran: node id -> actors started, rows scored (retried work included).
+        "nodes": timing["nodes"],
     }
     manifest = {
         "kind": KIND, "schema_version": SCHEMA_VERSION, "run_id": work.removeprefix("run-"),

@@ -90,8 +90,10 @@ def _file_lock(uri: str, path: str) -> Iterator[None]:
     import fcntl
 
     info = holder_info()
+    directory = os.path.dirname(path)
+    created = not os.path.isdir(directory)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -120,6 +122,9 @@ def _file_lock(uri: str, path: str) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)  # while still locked: the next run then locks a new file
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):  # a run refused before writing leaves no trace
+                os.rmdir(directory)
 
 
 def _read_holder(fd: int) -> dict:

@@ -43,6 +43,7 @@ class PrepareConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing complete output"})
     address: str | None = field(default=None, metadata={
         "help": "Ray address (default: RAY_ADDRESS, else a local single-node Ray)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"limit": 500, "rows_per_shard": 400}}
 
@@ -146,7 +147,8 @@ def run(cfg: PrepareConfig) -> dict:
     run_id = uuid.uuid4().hex[:12]
     with lock.output_lock(cfg.output):
         loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
-        cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output))
+        cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output),
+                        shared_storage=cfg.shared_storage)
 
         ds, expected = _build_dataset(data, cfg)
         from mnist_ray.sink import ShardSink
