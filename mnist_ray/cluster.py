@@ -255,7 +255,7 @@ class LocalRay:
             if cls.READY in output:
                 return ray_
             if process.poll() is not None or time.monotonic() > deadline:
-                ray_.stop()
+                ray_.stop(wait=20)
                 tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
                 raise MnistRayError(f"could not start a local Ray (`ray start` "
                                     f"{'exited' if process.returncode is not None else 'timed out'}): {tail}")
@@ -265,16 +265,18 @@ class LocalRay:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM: `ray start --block` stops the node's processes, then exits."""
+    def stop(self, wait: float = 0.0) -> None:
+        """SIGTERM: `ray start --block` stops the node's processes, then exits. Not waited for
+        by default (it takes seconds, and the command is done): the processes end on their own."""
         import subprocess
 
         if self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            if wait:
+                try:
+                    self.process.wait(wait)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
         if os.path.exists(self.log_path):
             os.remove(self.log_path)

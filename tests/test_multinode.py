@@ -124,13 +124,13 @@ class Cluster:
     def alive_nodes(self) -> set[str]:
         out = subprocess.run([RAY, "list", "nodes", "--format", "json", "--filter", "state=ALIVE"], env=self.env,
                              capture_output=True, text=True, timeout=60, check=True)
-        return {n["node_id"] for n in json.loads(out.stdout)}
+        return {n["node_id"] for n in _json_list(out.stdout)}
 
     def actors(self, class_name: str) -> list[dict]:
         out = subprocess.run([RAY, "list", "actors", "--format", "json", "--filter", "state=ALIVE", "--filter",
                               f"class_name={class_name}", "--detail"], env=self.env, capture_output=True, text=True,
                              timeout=60)
-        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+        return _json_list(out.stdout) if out.returncode == 0 else []
 
     def submit(self, job_id: str, *args: str) -> None:
         subprocess.run([RAY, "job", "submit", "--no-wait", "--submission-id", job_id, "--runtime-env",
@@ -159,6 +159,13 @@ class Cluster:
         self.submit(job_id, *args)
         state, logs = self.wait(job_id, timeout)
         return state, logs, time.monotonic() - started
+
+
+def _json_list(text: str) -> list:
+    """The JSON list `ray list ... --format json` prints (after any notice lines)."""
+    if "[" not in text:
+        return []
+    return json.loads(text[text.index("["):text.rindex("]") + 1])
 
 
 def _summary(logs: str) -> dict:
