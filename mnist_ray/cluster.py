@@ -240,8 +240,10 @@ class LocalRay:
                    "--min-worker-port", "0", "--max-worker-port", "0"]
         if num_cpus is not None:
             command += ["--num-cpus", str(num_cpus)]
-        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-               SINGLE_MACHINE: os.environ.get(SINGLE_MACHINE, "0"),
+        env = {**os.environ, SINGLE_MACHINE: os.environ.get(SINGLE_MACHINE, "0"),
+               # Ray's processes that look their cluster up (Ray Train's placement group
+               # cleaner, the state API) find this one, not "multiple active Ray instances".
+               "RAY_ADDRESS": f"{LOCALHOST}:{port}",
                **{name: os.environ.get(name) or str(_free_port()) for name in FIXED_PORT_ENV}}
         log_file = tempfile.NamedTemporaryFile("w+b", prefix="ray-start-", suffix=".log", dir=temp_dir, delete=False)
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
