@@ -43,9 +43,6 @@ def runtime_env() -> dict:
     return {"env_vars": configure_process_env()}
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def _host_port(address: str) -> tuple[str, int] | None:
     """Host and port of a Ray address (``host:port``, ``ray://host:port``, ``http://host:port``)."""
     rest = address.split("://", 1)[-1].rstrip("/")
@@ -75,29 +72,35 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                             "to run on a local single-node Ray") from None
 
 
-# Single-node mode binds every Ray service to 127.0.0.1. `_node_ip_address="127.0.0.1"` alone
+# Single-node mode binds every Ray service to 127.0.0.1. `--node-ip-address 127.0.0.1` alone
 # does not: Ray swaps a loopback node IP for the machine's reachable one, and its servers then
 # listen on every interface. Ray's switch for single-machine clusters (the macOS default) is
 # read when Ray is imported, so it is set before that: here (the package imports Ray only
-# after connecting) or by the caller (tests/conftest.py).
+# after connecting; the local Ray's processes inherit it) or by the caller (tests/conftest.py).
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, paths: tuple[str, ...] = ()) -> None:
+def connect(address: str | None = None, *, num_cpus: int | None = None, paths: tuple[str, ...] = (),
+            shared_storage: bool = False) -> None:
     """Attach to the Ray at ``address`` (or ``RAY_ADDRESS``), else start a local one.
 
-    Reuses an already initialized Ray (tests share one per session). A local Ray binds to
-    127.0.0.1: single-node mode needs no open ports. ``paths`` are the job's inputs and
-    outputs: on a cluster of several machines, local ones only exist on this one.
+    Reuses an already initialized Ray (tests share one per session). A local Ray is this
+    command's own: bound to 127.0.0.1, on ports nobody else uses (see ``LocalRay``). ``paths``
+    are the job's inputs and outputs: on a cluster, local ones are refused unless
+    ``shared_storage`` says every node sees them.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     local = not address or address == "local"
+    if not local:
+        check_shared_storage(address, paths, shared_storage)
     if local and "ray" not in sys.modules:
         os.environ.setdefault(SINGLE_MACHINE, "0")
     import ray
 
-    global _started_here
+    global _started_here, _local_ray
     if not ray.is_initialized():
+        if local:
+            use_token_auth()
         _started_here = True
         kwargs = {"runtime_env": runtime_env(), "log_to_driver": True, "configure_logging": False}
         if not local:
@@ -108,13 +111,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
             os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", **kwargs)
+            _local_ray = LocalRay.start(num_cpus)
+            ray.init(address=_local_ray.address, _node_ip_address=LOCALHOST, **kwargs)
     logs.configure_ray_data()
-    _warn_local_paths(address, paths)
 
 
 _started_here = False
+_local_ray: "LocalRay | None" = None
 
 
 def shutdown() -> None:
@@ -124,25 +127,162 @@ def shutdown() -> None:
     Called by the command line when a command ends: Ray's own exit hook would do it too, but
     after a fixed half-second pause for late error messages, on every command.
     """
-    global _started_here
+    global _started_here, _local_ray
     if _started_here and "ray" in sys.modules:
         import ray
 
         ray.shutdown()
-    _started_here = False
+    if _local_ray is not None:
+        _local_ray.stop()
+    _started_here, _local_ray = False, None
 
 
-def _warn_local_paths(address: str | None, paths: tuple[str, ...]) -> None:
-    import ray
+# The flag every job that runs on Ray has (``shared_storage`` in its config).
+SHARED_STORAGE_HELP = ("with --address: the local paths given are on storage every node mounts "
+                       "(NFS...), so the cluster may use them")
 
-    target = _host_port(address) if address and address != "local" else None
-    # A head on another machine (a ray:// client), or a cluster of several machines.
-    remote = target is not None and target[0] not in (*LOOPBACK, ray.util.get_node_ip_address())
-    several = len([n for n in ray.nodes() if n.get("Alive")]) > 1
-    if not (remote or several):
-        return
-    local = [p for p in paths if p and "://" not in p]
-    if local:
-        log.warning("%s: local paths on a Ray cluster of several machines; the workers on other "
-                    "nodes cannot see them: use shared storage such as s3://bucket/prefix",
-                    ", ".join(local))
+
+def local_ray() -> "LocalRay | None":
+    """The local Ray ``connect`` started for this process, if it did."""
+    return _local_ray
+
+
+def check_shared_storage(address: str, paths: tuple[str, ...], shared_storage: bool) -> None:
+    """Refuse local paths for a job on a cluster: the other nodes (and those an autoscaler adds
+    later, even to a one-node cluster) cannot see them, unless ``shared_storage`` says they can."""
+    local = [p for p in paths if p and ("://" not in p or p.startswith("file://"))]
+    if local and not shared_storage:
+        raise MnistRayError(f"{local[0]} is a local path, but the job runs on the Ray cluster at {address} whose "
+                            "other nodes cannot see it: use shared storage such as s3://bucket/prefix, or pass "
+                            "--shared-storage if every node mounts this path")
+
+
+# --- the local Ray: started and owned by this command --------------------------------------------
+
+LOCALHOST = "127.0.0.1"
+# Ray's processes inherit these: ports Ray fixes by default and `ray start` has no flag for.
+FIXED_PORT_ENV = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOCALHOST, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent():
+    """A ``preexec_fn``: the child gets SIGTERM when the thread that started it ends, so a
+    command killed with SIGKILL leaves no Ray behind (Linux; elsewhere ``stop`` and atexit)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    PR_SET_PDEATHSIG = 1
+    return lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def use_token_auth() -> None:
+    """Token authentication for the local Ray, on as ``ray.init()`` would turn it on, with a
+    token of this process's own unless one is given (nothing depends on ~/.ray).
+
+    Ray reads the mode once, when imported: when it was imported before, its config is
+    refreshed the way ``ray.init`` refreshes it for a new local cluster (Ray 2.60,
+    ray._private.authentication.authentication_token_setup._enable_token_auth).
+    """
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return  # the user turned it off
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+class LocalRay:
+    """A one-node Ray that belongs to this command: ``ray start --head --block`` in a child
+    process, every port chosen free, its own temp dir, stopped with the command.
+
+    Not ``ray.init()``'s in-process start: that puts the dashboard agent on its fixed port
+    52365, which ``ray.init`` cannot change (upstream's answer: use ``ray start``, ray-project/ray
+    PR #34886; checked on Ray 2.60). A local run next to a user's ``ray start --head`` then
+    takes that port and the head's jobs fail with "No available agent to submit job".
+    """
+
+    READY = "Ray runtime started"  # `ray start` prints it once the node is up (Ray 2.60)
+
+    def __init__(self, process, address: str, temp_dir: str, log_path: str):
+        self.process, self.address, self.temp_dir, self.log_path = process, address, temp_dir, log_path
+
+    @classmethod
+    def start(cls, num_cpus: int | None = None, timeout: float = 180.0) -> "LocalRay":
+        import atexit
+        import subprocess
+        import tempfile
+        import time
+
+        # Its own temp root: `ray start` writes the address of "the" local cluster there, which
+        # a user's head, `ray status` and `ray.init()` read under /tmp/ray.
+        temp_dir = os.path.join(tempfile.gettempdir(), "mnist-ray")  # short: Unix socket paths
+        os.makedirs(temp_dir, exist_ok=True)
+        port = _free_port()
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                   "--node-ip-address", LOCALHOST, "--port", str(port), "--include-dashboard", "false",
+                   "--temp-dir", temp_dir, "--disable-usage-stats",
+                   "--ray-client-server-port", str(_free_port()),
+                   # 0: the OS picks a free port (Ray's defaults are fixed numbers).
+                   "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0",
+                   "--metrics-export-port", "0", "--runtime-env-agent-port", "0",
+                   "--node-manager-port", "0", "--object-manager-port", "0",
+                   "--min-worker-port", "0", "--max-worker-port", "0"]
+        if num_cpus is not None:
+            command += ["--num-cpus", str(num_cpus)]
+        env = {**os.environ, SINGLE_MACHINE: os.environ.get(SINGLE_MACHINE, "0"),
+               # Ray's processes that look their cluster up (Ray Train's placement group
+               # cleaner, the state API) find this one, not "multiple active Ray instances".
+               "RAY_ADDRESS": f"{LOCALHOST}:{port}",
+               **{name: os.environ.get(name) or str(_free_port()) for name in FIXED_PORT_ENV}}
+        log_file = tempfile.NamedTemporaryFile("w+b", prefix="ray-start-", suffix=".log", dir=temp_dir, delete=False)
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, preexec_fn=_die_with_parent())
+        log_file.close()
+        ray_ = cls(process, f"{LOCALHOST}:{port}", temp_dir, log_file.name)
+        atexit.register(ray_.stop)
+        deadline = time.monotonic() + timeout
+        while True:
+            output = ray_.output()
+            if cls.READY in output:
+                return ray_
+            if process.poll() is not None or time.monotonic() > deadline:
+                ray_.stop(wait=20)
+                tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+                raise MnistRayError(f"could not start a local Ray (`ray start` "
+                                    f"{'exited' if process.returncode is not None else 'timed out'}): {tail}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, wait: float = 0.0) -> None:
+        """SIGTERM: `ray start --block` stops the node's processes, then exits. Not waited for
+        by default (it takes seconds, and the command is done): the processes end on their own."""
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            if wait:
+                try:
+                    self.process.wait(wait)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        if os.path.exists(self.log_path):
+            os.remove(self.log_path)

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mnist_ray import __version__, cluster, compat, export, foreign, predictions, runtimes, shards, sources, storage
+from mnist_ray import __version__, cluster, compat, export, foreign, lock, predictions, runtimes, shards, sources, storage
 from mnist_ray import plan as planning
 from mnist_ray.errors import MnistRayError
 from mnist_ray.predictor import PredictorActor, Progress, ProgressLines, prepare_rows
@@ -77,6 +77,7 @@ class InferConfig:
     rows_per_file: int = field(default=200_000, metadata={"help": "rows per output Parquet file"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing predictions"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"batch_size": 128, "actors": "1"}}
 
@@ -103,62 +104,64 @@ def run(cfg: InferConfig) -> dict:
     # The runtime as far as it is known before Ray: GPU actors may still fall back to CPU.
     expected_runtime, _ = planning.choose_runtime(cfg, model_local, on_gpu=cfg.gpus_per_actor > 0)
     runtimes.check(model_local, expected_runtime)
-    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-    source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
-                                                                 cfg.image_shape), model_metadata=metadata)
-    # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
-    # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
-    # beside ray.init it held the GIL and slowed Ray's start-up.
-    background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
-    stop = threading.Event()
-    try:
-        smoke = background.submit(lambda: smoke_test(model_local, expected_runtime, source.sample(), cfg.model))
-        connecting = time.perf_counter()
+    with lock.output_lock(cfg.output):  # one writer per output: a second run is refused, naming this one
+        loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
+        source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
+                                                                     cfg.image_shape), model_metadata=metadata)
+        # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
+        # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
+        # beside ray.init it held the GIL and slowed Ray's start-up.
+        background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
+        stop = threading.Event()
         try:
-            cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output))
-            ray_startup = time.perf_counter() - connecting
-        finally:
-            smoke.result()
-        expected = background.submit(source.digest, stop)
+            smoke = background.submit(lambda: smoke_test(model_local, expected_runtime, source.sample(), cfg.model))
+            connecting = time.perf_counter()
+            try:
+                cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output),
+                                shared_storage=cfg.shared_storage)
+                ray_startup = time.perf_counter() - connecting
+            finally:
+                smoke.result()
+            expected = background.submit(source.digest, stop)
 
-        import ray
+            import ray
 
-        version = metadata["version"]
-        plan = planning.make(cfg, ray.cluster_resources(), model_local,
-                             resumed_rows=lambda runtime: checkpointed_rows(loc, work_dir(loc, source.fingerprint, version, runtime)))
-        log.info("infer: plan: %s", plan.describe())
-        if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
-            runtimes.check(model_local, plan.runtime)
-            smoke_test(model_local, plan.runtime, source.sample(), cfg.model)
-        work = work_dir(loc, source.fingerprint, version, plan.runtime)
-        if plan.resumed_rows:
-            log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
-                     f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
-        startup = time.perf_counter() - started
-        progress = ray.remote(num_cpus=0)(Progress).remote()
-        try:
-            scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
-            scored.context.checkpoint_config = compat.checkpoint_config(
-                source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
-            seconds, timing = execute(scored, plan, loc.join(work, "data"), loc, cfg, progress,
-                                      todo=source.rows - plan.resumed_rows)
+            version = metadata["version"]
+            plan = planning.make(cfg, ray.cluster_resources(), model_local,
+                                 resumed_rows=lambda runtime: checkpointed_rows(loc, work_dir(loc, source.fingerprint, version, runtime)))
+            log.info("infer: plan: %s", plan.describe())
+            if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
+                runtimes.check(model_local, plan.runtime)
+                smoke_test(model_local, plan.runtime, source.sample(), cfg.model)
+            work = work_dir(loc, source.fingerprint, version, plan.runtime)
+            if plan.resumed_rows:
+                log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
+                         f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
+            startup = time.perf_counter() - started
+            progress = ray.remote(num_cpus=0)(Progress).remote()
+            try:
+                scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
+                scored.context.checkpoint_config = compat.checkpoint_config(
+                    source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
+                seconds, timing = execute(scored, plan, loc.join(work, "data"), loc, cfg, progress,
+                                          todo=source.rows - plan.resumed_rows)
+            finally:
+                ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
+            files, written, bad = written_files(loc, work)
+            try:
+                reconcile(expected.result(), written)
+            except OSError as e:
+                raise MnistRayError(storage.describe_error(e, cfg.input)) from e
+            check_error_rate(bad, written.rows, cfg.max_error_rate)
+            figures = run_figures(written.rows, bad.num_rows, plan.resumed_rows, seconds, startup, ray_startup, timing)
+            publish(loc, work, cfg, plan, source, metadata, files, bad, figures)
         finally:
-            ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
-        files, written, bad = written_files(loc, work)
-        try:
-            reconcile(expected.result(), written)
-        except OSError as e:
-            raise MnistRayError(storage.describe_error(e, cfg.input)) from e
-        check_error_rate(bad, written.rows, cfg.max_error_rate)
-        figures = run_figures(written.rows, bad.num_rows, plan.resumed_rows, seconds, startup, ray_startup, timing)
-        publish(loc, work, cfg, plan, source, metadata, files, bad, figures)
-    finally:
-        stop.set()  # a failed run does not wait for the digest of 100M ids
-        background.shutdown(wait=False, cancel_futures=True)
-    return {"output": cfg.output, **figures, "model_version": version, "runtime": plan.runtime,
-            "runtime_reason": plan.runtime_reason, "batch_size": plan.batch_size,
-            "actors": f"{plan.actors_min}..{plan.actors_max}", "gpus_per_actor": plan.gpus_per_actor,
-            "cpus_per_actor": plan.cpus_per_actor, "wall_seconds": round(time.perf_counter() - started, 2)}
+            stop.set()  # a failed run does not wait for the digest of 100M ids
+            background.shutdown(wait=False, cancel_futures=True)
+        return {"output": cfg.output, **figures, "model_version": version, "runtime": plan.runtime,
+                "runtime_reason": plan.runtime_reason, "batch_size": plan.batch_size,
+                "actors": f"{plan.actors_min}..{plan.actors_max}", "gpus_per_actor": plan.gpus_per_actor,
+                "cpus_per_actor": plan.cpus_per_actor, "wall_seconds": round(time.perf_counter() - started, 2)}
 
 
 # --- the steps ------------------------------------------------------------------------------
@@ -211,12 +214,26 @@ def execute(scored, plan: planning.Plan, data_path: str, loc: storage.Location, 
     try:
         scored.write_parquet(data_path, filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                              **compat.write_task_args(plan.write_cpus))
-        timing = ray.get(progress.state.remote())
+        seconds = time.perf_counter() - started
+        timing = final_progress(progress, todo)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
     finally:
         lines.stopped.set()
-    return time.perf_counter() - started, {**timing, "started_at": wall}
+    return seconds, {**timing, "started_at": wall}
+
+
+def final_progress(progress, rows: int, wait_s: float = 5.0) -> dict:
+    """The progress actor's state once the actors reported their last rows (they do as the pool
+    shuts down, a moment after the write returns), or after ``wait_s`` what has arrived."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = ray.get(progress.state.remote())
+        if state["rows"] >= rows or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
 
 
 def check_error_rate(bad: pa.Table, rows: int, max_error_rate: float) -> None:
@@ -240,6 +257,8 @@ def run_figures(rows: int, error_rows: int, resumed: int, seconds: float, startu
         "actor_startup_seconds": round(max(timing["ready"]) - wall, 2) if timing["ready"] else None,
         "model_load_seconds": round(max(timing["load_seconds"]), 2) if timing["load_seconds"] else None,
         "first_prediction_seconds": round(timing["first_at"] - wall, 2) if timing["first_at"] else None,
+        # Where the predictor actors ran: node id -> actors started, rows scored (retried work included).
+        "nodes": timing["nodes"],
     }
 
 

@@ -58,6 +58,7 @@ class PipelineConfig:
     actors: str = field(default="1", metadata={"help": "predictor actors: N or MIN..MAX"})
     force: bool = field(default=False, metadata={"help": "run every stage even when its output is current"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {
         "default": {},
@@ -128,14 +129,18 @@ def run(cfg: PipelineConfig) -> dict:
     same_source = cfg.test_source == cfg.source
     test_shards = cfg.path("shards") if same_source else cfg.path("test-shards")
     prepare_cfg = prepare.PrepareConfig(source=cfg.source, output=cfg.path("shards"), limit=cfg.limit,
-                                        overwrite=True, address=cfg.address)
+                                        overwrite=True, address=cfg.address,
+                                        shared_storage=cfg.shared_storage)
     test_cfg = prepare.PrepareConfig(source=cfg.test_source, output=test_shards, limit=cfg.limit,
-                                     overwrite=True, address=cfg.address)
+                                     overwrite=True, address=cfg.address,
+                                        shared_storage=cfg.shared_storage)
     train_cfg = train.TrainConfig(data=cfg.path("shards"), output=cfg.path("model"), model=cfg.model,
                                   epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers,
-                                  overwrite=True, address=cfg.address).resolved()
+                                  overwrite=True, address=cfg.address,
+                                        shared_storage=cfg.shared_storage).resolved()
     infer_cfg = infer.InferConfig(model=cfg.path("model"), input=test_shards, output=cfg.path("predictions"),
-                                  runtime=cfg.runtime, actors=cfg.actors, overwrite=True, address=cfg.address)
+                                  runtime=cfg.runtime, actors=cfg.actors, overwrite=True, address=cfg.address,
+                                        shared_storage=cfg.shared_storage)
     evaluate_cfg = evaluate.EvaluateConfig(predictions=cfg.path("predictions"), output=cfg.path("report"),
                                            overwrite=True)
     # Every flag is checked before the first stage starts, not an hour into the run.
@@ -145,7 +150,7 @@ def run(cfg: PipelineConfig) -> dict:
     infer_cfg.validate()
     if TEST_SPLIT in train_cfg.train_splits.split(","):
         raise MnistRayError(f"the pipeline reports on the {TEST_SPLIT!r} split, so training must not use it")
-    cluster.connect(cfg.address, paths=(cfg.output,))
+    cluster.connect(cfg.address, paths=(cfg.output,), shared_storage=cfg.shared_storage)
     ledger = _Ledger(cfg.output)
     stages: list[dict] = []
     upstream = ""  # the build ids of everything before the current stage

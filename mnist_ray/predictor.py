@@ -105,8 +105,11 @@ class PredictorActor(Predictor):
 
     def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None,
                  class_names: list[str] | None = None):
+        import ray
+
         started = time.perf_counter()
         self.progress, self.unreported, self.reported_at = progress, 0, 0.0
+        self.node = ray.get_runtime_context().get_node_id()  # rows are counted by node
         if use_gpu:
             import tensorflow as tf
 
@@ -120,7 +123,7 @@ class PredictorActor(Predictor):
 
         super().__init__(load, model_version, class_names)
         if progress is not None:
-            progress.actor_ready.remote(time.time(), time.perf_counter() - started)
+            progress.actor_ready.remote(time.time(), time.perf_counter() - started, self.node)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = super().__call__(batch)
@@ -128,9 +131,20 @@ class PredictorActor(Predictor):
             self.unreported += out.num_rows
             now = time.time()
             if now - self.reported_at >= self.REPORT_EVERY_S:
-                self.progress.scored.remote(self.unreported, now)  # fire and forget
+                self.progress.scored.remote(self.unreported, now, self.node)  # fire and forget
                 self.unreported, self.reported_at = 0, now
         return out
+
+    def __del__(self):
+        """The rows not reported yet (Ray Data calls this when the pool ends): waited for, since
+        the process exits next."""
+        if getattr(self, "progress", None) is not None and self.unreported:
+            import ray
+
+            try:
+                ray.get(self.progress.scored.remote(self.unreported, time.time(), self.node), timeout=10)
+            except Exception:  # noqa: BLE001 - the driver may be gone already
+                pass
 
 
 # --- progress ---------------------------------------------------------------------------------
@@ -143,25 +157,31 @@ class Progress:
 
     def __init__(self):
         self.rows, self.ready, self.load_seconds, self.first_at = 0, [], [], None
+        self.nodes: dict[str, dict] = {}  # node id -> actors started there, rows scored there
 
-    def actor_ready(self, at: float, load_seconds: float) -> None:
+    def _node(self, node: str | None) -> dict:
+        return self.nodes.setdefault(node or "unknown", {"actors": 0, "rows": 0})
+
+    def actor_ready(self, at: float, load_seconds: float, node: str | None = None) -> None:
         self.ready.append(at)
         self.load_seconds.append(load_seconds)
+        self._node(node)["actors"] += 1
 
-    def scored(self, rows: int, at: float) -> None:
+    def scored(self, rows: int, at: float, node: str | None = None) -> None:
         self.rows += rows
         self.first_at = self.first_at or at
+        self._node(node)["rows"] += rows
 
     def state(self) -> dict:
         return {"rows": self.rows, "ready": self.ready, "load_seconds": self.load_seconds,
-                "first_at": self.first_at}
+                "first_at": self.first_at, "nodes": self.nodes}
 
 
 class ProgressLines(threading.Thread):
     """Driver side: plain ``rows done, rate, ETA`` lines for logs (``ray job submit``, CI) every
     ``every_s`` seconds from the ``Progress`` actor; a terminal gets Ray's own progress bars."""
 
-    def __init__(self, progress, todo: int, every_s: float = 10.0):
+    def __init__(self, progress, todo: int, every_s: float = 30.0):
         super().__init__(daemon=True, name="infer-progress")
         self.progress, self.todo, self.every_s, self.stopped = progress, todo, every_s, threading.Event()
 
@@ -173,6 +193,8 @@ class ProgressLines(threading.Thread):
             try:
                 done = ray.get(self.progress.state.remote(), timeout=5)["rows"]
             except Exception:  # noqa: BLE001 - progress must never break the job
+                continue
+            if not done:  # actors still starting: a line of zeros says nothing
                 continue
             rate = done / (time.time() - started)
             eta = f"{(self.todo - done) / rate:.0f} s" if rate > 0 else "?"

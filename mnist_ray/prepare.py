@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from mnist_ray import archives, cluster, datasets, foreign, preprocess, shards, storage
+from mnist_ray import archives, cluster, datasets, foreign, lock, preprocess, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class PrepareConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing complete output"})
     address: str | None = field(default=None, metadata={
         "help": "Ray address (default: RAY_ADDRESS, else a local single-node Ray)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"limit": 500, "rows_per_shard": 400}}
 
@@ -190,32 +191,34 @@ def run(cfg: PrepareConfig) -> dict:
     started = time.perf_counter()
     data = load_source(cfg)
     run_id = uuid.uuid4().hex[:12]
-    loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
-    cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output))
+    with lock.output_lock(cfg.output):
+        loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=run_id)
+        cluster.connect(cfg.address, paths=(_source_path(cfg.source), cfg.output),
+                        shared_storage=cfg.shared_storage)
 
-    ds, expected = _build_dataset(data, cfg)
-    from mnist_ray.sink import ShardSink
+        ds, expected = _build_dataset(data, cfg)
+        from mnist_ray.sink import ShardSink
 
-    names = class_names(data)
-    sink = ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20, class_names=names)
-    try:
-        ds.write_datasink(sink)
-    except OSError as e:
-        raise MnistRayError(storage.describe_error(e, cfg.output)) from e
-    summary = shards.summarize(sink.files(), sink.reports())
-    if summary["rows"] + len(summary["rejected"]) != expected:
-        raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
-                            f"{len(summary['rejected'])} rejected; nothing was published")
-    if summary["rows"] == 0:
-        first = summary["rejected"][0]
-        raise MnistRayError(f"no image in {cfg.source} could be decoded "
-                            f"(e.g. {first['path'] or first['id']}: {first['error']})")
-    manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg), class_names=names)
-    storage.publish(loc, manifest, run_id=run_id)
-    return {
-        "output": cfg.output, "rows": summary["rows"],
-        "splits": {k: v["rows"] for k, v in summary["splits"].items()},
-        "rejected": len(summary["rejected"]), "shards": len(summary["files"]),
-        "shard_bytes": [f["bytes"] for f in summary["files"]],
-        "fingerprint": summary["fingerprint"], "seconds": round(time.perf_counter() - started, 2),
-    }
+        names = class_names(data)
+        sink = ShardSink(loc, run_id, cfg.rows_per_shard, cfg.max_shard_mb << 20, class_names=names)
+        try:
+            ds.write_datasink(sink)
+        except OSError as e:
+            raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+        summary = shards.summarize(sink.files(), sink.reports())
+        if summary["rows"] + len(summary["rejected"]) != expected:
+            raise MnistRayError(f"prepare lost rows: {expected} in, {summary['rows']} written, "
+                                f"{len(summary['rejected'])} rejected; nothing was published")
+        if summary["rows"] == 0:
+            first = summary["rejected"][0]
+            raise MnistRayError(f"no image in {cfg.source} could be decoded "
+                                f"(e.g. {first['path'] or first['id']}: {first['error']})")
+        manifest = shards.build_manifest(run_id, cfg.source, summary, config=dataclasses.asdict(cfg), class_names=names)
+        storage.publish(loc, manifest, run_id=run_id)
+        return {
+            "output": cfg.output, "rows": summary["rows"],
+            "splits": {k: v["rows"] for k, v in summary["splits"].items()},
+            "rejected": len(summary["rejected"]), "shards": len(summary["files"]),
+            "shard_bytes": [f["bytes"] for f in summary["files"]],
+            "fingerprint": summary["fingerprint"], "seconds": round(time.perf_counter() - started, 2),
+        }

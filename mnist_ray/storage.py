@@ -24,11 +24,12 @@ from mnist_ray.errors import MnistRayError
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+LOCK = "_lock"  # the running writer's lock (mnist_ray.lock): kept through publish, never data
 LOGS_DIR = "_logs"  # the log files of the runs that wrote this output (mnist_ray.logs)
 # Entries a writer owns inside its output directory: only these are ever deleted. ``run-KEY``
 # directories hold a resumable job's data files and its Ray Data checkpoint (see infer).
 OWNED_FILE = re.compile(
-    r"^(part-[0-9a-f]+-.*\.parquet|run-[0-9a-f]+|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_probe-[0-9a-f]+"
+    r"^(part-[0-9a-f]+-.*\.parquet|run-[0-9a-f]+|_manifest\.json(\.tmp-[0-9a-f]+)?|_SUCCESS|_lock|_probe-[0-9a-f]+"
     r"|_logs)$")
 
 

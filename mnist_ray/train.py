@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import augment, cluster, compat, models, preprocess, shards, storage, synthetic
+from mnist_ray import augment, cluster, compat, lock, models, preprocess, shards, storage, synthetic
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,9 @@ class TrainConfig:
     cpus_per_worker: float | None = field(default=None, metadata={
         "help": "CPUs reserved per worker (default: 1, less on a small cluster so data tasks keep a CPU)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
+    placement: str = field(default="PACK", metadata={
+        "help": "PACK (workers share nodes: fastest all-reduce) or SPREAD (one per node where it can: "
+                "a lost node takes one worker)"})
     train_splits: str = field(default="train", metadata={
         "help": "comma-separated splits to train on (e.g. train,val for a final model)"})
     val_split: str = field(default="val", metadata={
@@ -66,6 +69,7 @@ class TrainConfig:
     tflite: bool = field(default=True, metadata={"help": "export TFLite float32/float16/dynamic/int8 variants"})
     list_models: bool = field(default=False, metadata={"help": "print the model registry and exit"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {
         "default": {},
@@ -88,6 +92,8 @@ class TrainConfig:
             raise MnistRayError("--epochs, --batch-size, --learning-rate and --width must be positive")
         if self.workers < 1:
             raise MnistRayError("--workers must be at least 1")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise MnistRayError(f"--placement {self.placement!r}: choose PACK or SPREAD")
         if self.batch_size < self.workers:
             raise MnistRayError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
 
@@ -414,7 +420,8 @@ def make_trainer(cfg: TrainConfig, config: dict, datasets: dict, *, name: str, r
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": config["cpus_per_worker"]}),
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": config["cpus_per_worker"]},
+            placement_strategy=cfg.placement),
         run_config=ray.train.RunConfig(
             name=name, storage_path=run_loc.path, storage_filesystem=run_loc.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
@@ -451,26 +458,27 @@ def run(cfg: TrainConfig) -> dict:
     train_splits, holdout, train_rows = check_data(cfg, manifest)
     from mnist_ray import export
 
-    export.check_output(cfg.output, overwrite=cfg.overwrite)
-    name = cfg.run_name(manifest["fingerprint"])
-    run_loc = _prepare_run_storage(cfg, name)
-    cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
-    cpus = cpus_per_worker(cfg)
+    with lock.output_lock(cfg.output, beside=True):  # a model dir is replaced whole
+        export.check_output(cfg.output, overwrite=cfg.overwrite)
+        name = cfg.run_name(manifest["fingerprint"])
+        run_loc = _prepare_run_storage(cfg, name)
+        cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
+        cpus = cpus_per_worker(cfg)
 
-    import ray.train
+        import ray.train
 
-    started = time.perf_counter()
-    train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
-    datasets = {"train": train_ds, "val": val_ds}
-    trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
-                            f"rerun with --resume to continue from the last epoch (run {name})") from e
-    train_seconds = time.perf_counter() - started
-    summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
-                                         datasets=datasets, run_name=name, train_seconds=train_seconds,
-                                         overwrite=cfg.overwrite)
-    return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
-            "train_seconds": round(train_seconds, 1), **summary}
+        started = time.perf_counter()
+        train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+        datasets = {"train": train_ds, "val": val_ds}
+        trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
+                                f"rerun with --resume to continue from the last epoch (run {name})") from e
+        train_seconds = time.perf_counter() - started
+        summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
+                                             datasets=datasets, run_name=name, train_seconds=train_seconds,
+                                             overwrite=cfg.overwrite)
+        return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
+                "train_seconds": round(train_seconds, 1), **summary}

@@ -88,6 +88,7 @@ class TuneConfig:
         "help": "replace an existing results dir and start the search over"})
     tflite: bool = field(default=True, metadata={"help": "export TFLite variants of the best model"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
 
     PRESETS: ClassVar[dict] = {
         "default": {},
@@ -331,7 +332,7 @@ def run(cfg: TuneConfig) -> dict:
     out_loc = storage.prepare_directory_output(cfg.output, overwrite=cfg.overwrite, marker="results.json",
                                                what="search results dir")
     name = cfg.experiment_name(manifest["fingerprint"], space)
-    cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path))
+    cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
     loc, restore = _experiment(cfg, name)
     # Up to 1 CPU per worker, leaving the trial's share and Ray Data's reserve free.
     cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
