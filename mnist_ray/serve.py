@@ -36,7 +36,8 @@ WATCH_EVERY_S = 2.0  # how often the foreground command checks that its applicat
 @dataclass(frozen=True)
 class ServeConfig:
     model: str = field(default="out/mnist-sample/model", metadata={"help": "model dir (local or s3://)"})
-    runtime: str = field(default="tf", metadata={"help": " | ".join(runtimes.RUNTIME_FILES)})
+    runtime: str = field(default=runtimes.AUTO, metadata={
+        "help": " | ".join(runtimes.CHOICES) + " (auto: as infer and predict choose, so one image gets the same answer)"})
     replicas: str = field(default="1", metadata={"help": "replicas: N, or MIN..MAX to autoscale with the load"})
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs reserved per replica"})
     gpus_per_replica: float = field(default=0.0, metadata={
@@ -75,8 +76,8 @@ class ServeConfig:
 
     def validate(self) -> None:
         self.replica_range()
-        if self.runtime not in runtimes.RUNTIME_FILES:
-            raise MnistRayError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtimes.RUNTIME_FILES)}")
+        if self.runtime not in runtimes.CHOICES:
+            raise MnistRayError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtimes.CHOICES)}")
         if self.max_batch_size < 1 or self.max_batch_images < 1 or self.ongoing() < self.max_batch_size:
             raise MnistRayError("--max-batch-size and --max-batch-images must be positive, and "
                                 "--max-ongoing-requests at least --max-batch-size")
@@ -89,10 +90,14 @@ class ServeConfig:
 
 
 def resolve_runtime(cfg: ServeConfig, model_local: str) -> str:
-    """The runtime the replicas load. The one place where `--runtime auto` is to be resolved
-    (runtimes.resolve, once it exists); named runtimes are checked against the model dir."""
-    runtimes.check(model_local, cfg.runtime)
-    return cfg.runtime
+    """The runtime the replicas load: ``auto`` resolved by the resolver infer and predict use;
+    named runtimes are checked against the model dir."""
+    runtime = cfg.runtime
+    if runtime == runtimes.AUTO:
+        runtime, reason = runtimes.resolve(model_local, on_gpu=cfg.gpus_per_replica > 0)
+        log.info("serve: runtime %s (%s)", runtime, reason)
+    runtimes.check(model_local, runtime)
+    return runtime
 
 
 def app_settings(cfg: ServeConfig, runtime: str, *, use_gpu: bool, stats_actor: str) -> dict:
