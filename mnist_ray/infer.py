@@ -138,7 +138,12 @@ def run(cfg: InferConfig) -> dict:
                 log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
                          f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
             startup = time.perf_counter() - started
-            progress = ray.remote(num_cpus=0)(Progress).remote()
+            # On the driver's node: a zero-CPU actor could land on any node, and a lost worker
+            # node would take the job's progress (and its summary) with it.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
             try:
                 scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
                 scored.context.checkpoint_config = compat.checkpoint_config(
@@ -230,7 +235,12 @@ def final_progress(progress, rows: int, wait_s: float = 5.0) -> dict:
 
     deadline = time.monotonic() + wait_s
     while True:
-        state = ray.get(progress.state.remote())
+        try:
+            state = ray.get(progress.state.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            # The figures are lost, not the predictions: the reconciliation still checks every row.
+            log.warning("infer: no start-up figures (the progress actor is gone: %s)", type(e).__name__)
+            return {"rows": 0, "ready": [], "load_seconds": [], "first_at": None, "nodes": {}}
         if state["rows"] >= rows or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
