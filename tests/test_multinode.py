@@ -322,9 +322,9 @@ def test_a_node_lost_while_scoring(ray_cluster, bucket, data, trained, scored):
         assert _summary(logs)["resumed_rows"] > 0, "the rerun scored everything again"
     total = time.monotonic() - started
     outcome["time_lost_s"] = round(total - scored["seconds"], 1)
-    from mnist_ray import infer
+    from mnist_ray import predictions
 
-    table = infer.read_predictions(f"{s3}/lost-node", columns=["id", "error"])
+    table = predictions.read_predictions(f"{s3}/lost-node", columns=["id", "error"])
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)) == data["rows"] and table["error"].null_count == data["rows"]
     from mnist_ray import shards
