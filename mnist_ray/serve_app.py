@@ -114,12 +114,13 @@ class DigitService:
         try:
             gray = preprocess.decode_for_model(data)
         except errors as e:
-            raise BadRequest(400, f"cannot decode the image ({type(e).__name__}: {e}): the file is "
+            raise BadRequest(400, f"cannot decode the image ({preprocess.describe_error(e)}): the file is "
                                   "corrupt or truncated") from None
         try:
             pixels = preprocess.mnist_like(gray)  # preprocess.prepare_pixels, one image
         except ValueError as e:
-            raise BadRequest(422, f"{e}: the image is empty or uniform; send a picture of one digit") from None
+            raise BadRequest(422, f"blank image ({preprocess.describe_error(e)}): the image is empty or "
+                                  "uniform; send a picture of one digit") from None
         if pixels.max() < BLANK_PEAK:
             raise BadRequest(422, "blank image: no digit found: the image is empty or uniform; "
                                   "send a picture of one digit")
