@@ -16,7 +16,6 @@ read counts as an error row (and as wrong in the accuracy), a "blank" one as a b
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 import json
 import os
@@ -33,7 +32,6 @@ from mnist_ray.errors import MnistRayError
 
 SETS = ("mnist", "uci", "printed", "photos")
 # The repo's copy of the MNIST test set (the one place that names it).
-MNIST_TEST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "mnist")
 
 
 @dataclass(frozen=True)
@@ -61,15 +59,12 @@ class RobustnessConfig:
 # --- the sets: encoded images and their labels -----------------------------------------------
 
 def mnist_test_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """The 10,000 MNIST test digits (uint8 (N, 28, 28)) and labels."""
-    paths = [os.path.join(MNIST_TEST_DIR, f"t10k-{kind}-idx{n}-ubyte.gz") for kind, n in (("images", 3), ("labels", 1))]
-    if not all(os.path.exists(p) for p in paths):
-        raise MnistRayError(f"the MNIST test set is missing: expected t10k-*-ubyte.gz in {MNIST_TEST_DIR}")
-    with open(paths[0], "rb") as f:
-        images = np.frombuffer(gzip.decompress(f.read()), np.uint8, offset=16).reshape(-1, 28, 28)
-    with open(paths[1], "rb") as f:
-        labels = np.frombuffer(gzip.decompress(f.read()), np.uint8, offset=8).astype(np.int64)
-    return images, labels
+    """The 10,000 MNIST test digits (uint8 (N, 28, 28)) and labels: the copy shipped as package data."""
+    from mnist_ray import datasets
+
+    data = datasets.mnist_test()
+    test = data.splits["test"]
+    return test.images, test.labels.astype(np.int64)
 
 
 def _png(gray: np.ndarray) -> bytes:
