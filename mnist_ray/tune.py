@@ -354,7 +354,7 @@ def run(cfg: TuneConfig) -> dict:
                                  cpus=cpus, trials_uri=trials_uri),
         {"CPU": TRIAL_CPU})
     if restore:
-        print(f"mnist-ray tune: resuming the search {loc.uri_of(name)}", flush=True)
+        log.info("tune: resuming the search %s", loc.uri_of(name))
         tuner = ray.tune.Tuner.restore(loc.join(name), trainable, resume_unfinished=True,
                                        storage_filesystem=loc.fs)
     else:
