@@ -333,41 +333,6 @@ def test_a_node_lost_while_scoring(ray_cluster, bucket, data, trained, scored):
     print(f"\nlost node {victim} while scoring: {json.dumps(outcome)} (no-fault run {scored['seconds']:.0f} s)")
 
 
-def test_a_node_lost_while_training_resumes_from_the_last_checkpoint(ray_cluster, bucket, data):
-    """Three nodes, two workers: SIGKILL the raylet of a worker node hosting a training worker
-    after the first checkpoint; Ray Train restarts on the nodes left and ends with every epoch."""
-    s3 = f"s3://{bucket}"
-    epochs = 3
-    ray_cluster.submit("train-lost-node", "jobs/train.py", "--data", data["train"], "--epochs", str(epochs), *TRAIN,
-                       "--output", f"{s3}/model-lost-node", "--storage-path", f"{s3}/runs-lost-node")
-    checkpoint_times, victim, before = [], None, set()
-    started = time.monotonic()
-    while ray_cluster.state("train-lost-node") == "running" and time.monotonic() - started < 600:
-        count = len({o["Key"].split("/")[2] for o in _s3_keys(bucket, "runs-lost-node/") if "/checkpoint_" in o["Key"]})
-        while len(checkpoint_times) < count:
-            checkpoint_times.append(time.monotonic() - started)
-        if victim is None:
-            before = {a["node_id"] for a in ray_cluster.actors("RayTrainWorker")}
-            workers = [n for n in ray_cluster.temps if n != "head" and n in _alive_names(ray_cluster)
-                       and ray_cluster.node_id(n) in before]
-            if count >= 1 and workers:
-                victim = workers[0]
-                killed_at = ray_cluster.kill(victim) - started
-        time.sleep(0.5)
-    state, logs = ray_cluster.wait("train-lost-node")
-    assert victim is not None, "training ended before a node could be killed: " + logs[-2000:]
-    assert state == "succeeded", logs[-3000:]
-    assert "resuming from the checkpoint of epoch" in logs
-    history = _s3_json(bucket, "model-lost-node/metadata.json")["metrics"]["history"]
-    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
-    assert history[-1]["resumed_at_epoch"] >= 1
-    after_kill = [t for t in checkpoint_times if t > killed_at]
-    normal = [b - a for a, b in zip(checkpoint_times, checkpoint_times[1:]) if b < killed_at]
-    print(f"\nlost node {victim} while training: checkpoints at {[round(t) for t in checkpoint_times]} s, "
-          f"killed at {killed_at:.0f} s, next checkpoint {after_kill[0] - killed_at:.0f} s later "
-          f"(an epoch between checkpoints took {normal or '?'} s); job {time.monotonic() - started:.0f} s")
-
-
 def _alive_names(cluster: Cluster) -> set[str]:
     names = set()
     for name in cluster.temps:
