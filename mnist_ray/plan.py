@@ -67,13 +67,18 @@ class Plan:
 
 def parse_actors(actors: str) -> tuple[int, int]:
     """``N`` or ``MIN..MAX`` -> (min, max) pool size."""
+    return parse_range(actors, "--actors")
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """A flag's ``N`` or ``MIN..MAX`` (actors, replicas) -> (min, max), both at least 1."""
     try:
-        low, _, high = actors.partition("..")
+        low, _, high = text.partition("..")
         lo, hi = int(low), int(high or low)
     except ValueError:
-        raise MnistRayError(f"--actors {actors!r}: give N or MIN..MAX, e.g. 1..4") from None
+        raise MnistRayError(f"{flag} {text!r}: give N or MIN..MAX, e.g. 1..4") from None
     if not 1 <= lo <= hi:
-        raise MnistRayError(f"--actors {actors!r}: need 1 <= MIN <= MAX")
+        raise MnistRayError(f"{flag} {text!r}: need 1 <= MIN <= MAX")
     return lo, hi
 
 

@@ -61,14 +61,9 @@ class ServeConfig:
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"replicas": "1", "cpus_per_replica": 0.5}}
 
     def replica_range(self) -> tuple[int, int]:
-        try:
-            low, _, high = self.replicas.partition("..")
-            lo, hi = int(low), int(high or low)
-        except ValueError:
-            raise MnistRayError(f"--replicas {self.replicas!r}: give N or MIN..MAX, e.g. 1..4") from None
-        if not 1 <= lo <= hi:
-            raise MnistRayError(f"--replicas {self.replicas!r}: need 1 <= MIN <= MAX")
-        return lo, hi
+        from mnist_ray.plan import parse_range
+
+        return parse_range(self.replicas, "--replicas")
 
     def ongoing(self) -> int:
         # Serve needs max_ongoing_requests >= max_batch_size to ever fill a batch.
