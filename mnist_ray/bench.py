@@ -17,6 +17,8 @@ peak memory of the job's driver and of Ray's worker processes sampled while it r
 throughput: a plain ``model.fit`` against 1 and 2 Ray Train workers, same model, data and batch.
 Online serving (``--parts serve``): a bounded load test (`mnist_ray.loadtest`) of `mnist-ray serve`
 with and without dynamic batching against a naive one-image-per-``model.predict`` server.
+The fixed cost on a running cluster (``--parts submit``, `mnist_ray.fixedcost`): `ray job submit`
+of infer on the seed digits to a head started for it, cold and then warm, part by part.
 
 Everything goes to OUTPUT/bench.json and a table on stdout (and OUTPUT/bench.md). Data, models
 and predictions are kept under OUTPUT/work so a rerun reuses the data and models.
@@ -50,7 +52,7 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-PARTS = ("micro", "infer", "train", "serve")
+PARTS = ("micro", "infer", "train", "serve", "submit")
 # --quick: every part, on a few thousand images, so the benchmark cannot rot (CI runs it).
 QUICK = {"sizes": "4000", "runtime_size": 4000, "runtimes": "tf,tflite-int8", "micro_images": 1000,
          "train_epochs": 2, "model_epochs": 2, "serve_requests": 150}
@@ -82,6 +84,7 @@ class BenchConfig:
     serve_requests: int = field(default=500, metadata={"help": "requests per concurrency level of the serving part"})
     serve_concurrency: str = field(default="1,8,32", metadata={"help": "concurrency levels of the serving part"})
     serve_replicas: str = field(default="1", metadata={"help": "Serve replicas of the serving part (N or MIN..MAX)"})
+    submit_model: str = field(default="cnn", metadata={"help": "model of the submitted-job part"})
     parts: str = field(default=",".join(PARTS), metadata={"help": "which parts to run: " + ",".join(PARTS)})
     quick: bool = field(default=False, metadata={
         "help": f"a few thousand images, two runtimes, short training: checks the bench works ({QUICK})"})
@@ -113,7 +116,7 @@ class BenchConfig:
     def validate(self) -> None:
         from mnist_ray import models
 
-        for m in self.model_list() + [self.train_model, self.serve_model]:
+        for m in self.model_list() + [self.train_model, self.serve_model, self.submit_model]:
             models.get_spec(m)
         unknown = set(self.runtimes.split(",") + self.scaling_runtimes.split(",")) - set(runtimes.RUNTIME_FILES)
         if unknown:
@@ -469,6 +472,10 @@ def format_report(report: dict) -> str:
         from mnist_ray import loadtest
 
         lines += loadtest.format_table(report["serving"])
+    if report.get("submit"):
+        from mnist_ray import fixedcost
+
+        lines += fixedcost.format_table(report["submit"])
     if report.get("training"):
         t = report["training"]
         lines += [f"## training throughput ({t['model']}, batch {t['batch_size']}, epochs after the first)", "",
@@ -530,6 +537,10 @@ def run(cfg: BenchConfig) -> dict:
                               "epochs": cfg.train_epochs, "runs": train_runs(cfg, _train_data(cfg, train_data), work)}
     if "serve" in parts:
         report["serving"] = serving(cfg, _model_dir(cfg, cfg.serve_model, train_data, work), seed, work)
+    if "submit" in parts:
+        from mnist_ray import fixedcost
+
+        report["submit"] = fixedcost.measure(_model_dir(cfg, cfg.submit_model, train_data, work), seed_uri, work)
     report["seconds"] = round(time.perf_counter() - started, 1)
     _check_sane(report)
     with open(os.path.join(cfg.output, "bench.json"), "w") as f:
@@ -541,6 +552,8 @@ def run(cfg: BenchConfig) -> dict:
     return {"output": cfg.output, "bench_json": os.path.join(cfg.output, "bench.json"), "seconds": report["seconds"],
             **({f"serving_{k}": v for k, v in report["serving"].items() if k.startswith("batching_")}
                if "serving" in report else {}),
+            **({f"submit_{which}_first_prediction_s": report["submit"][which]["first_prediction_after_submit_s"]
+                for which in ("cold", "warm")} if "submit" in report else {}),
             **{f"{name}_{j['runtime']}_{j['n']}_images_per_s": j["images_per_s"]
                for name, e in report["models"].items() for j in e.get("jobs", [])}}
 
@@ -566,6 +579,10 @@ def _check_sane(report: dict) -> None:
         if not (r["requests_per_s"] > 0 and r["p50_ms"] > 0) or r["failed"]:
             bad.append(f"serving {r['server']} c={r['concurrency']}: {r['requests_per_s']} requests/s, "
                        f"{r['failed']} failed {r['errors']}")
+    for which, row in (report.get("submit") or {}).items():
+        if isinstance(row, dict) and not (row["first_prediction_after_submit_s"] > 0
+                                          and all(v >= 0 for v in row["parts"].values())):
+            bad.append(f"submit {which}: {row}")
     for r in (report.get("training") or {}).get("runs", []):
         if not r["images_per_s"] > 0:
             bad.append(f"training {r['how']} images_per_s={r['images_per_s']}")

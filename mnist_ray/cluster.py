@@ -164,7 +164,7 @@ LOCALHOST = "127.0.0.1"
 FIXED_PORT_ENV = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -222,7 +222,9 @@ class LocalRay:
         self.process, self.address, self.temp_dir, self.log_path = process, address, temp_dir, log_path
 
     @classmethod
-    def start(cls, num_cpus: int | None = None, timeout: float = 180.0) -> "LocalRay":
+    def start(cls, num_cpus: int | None = None, timeout: float = 180.0, *,
+              dashboard_port: int | None = None) -> "LocalRay":
+        """``dashboard_port``: with the dashboard (its job server takes ``ray job submit``) there."""
         import atexit
         import subprocess
         import tempfile
@@ -232,11 +234,13 @@ class LocalRay:
         # a user's head, `ray status` and `ray.init()` read under /tmp/ray.
         temp_dir = os.path.join(tempfile.gettempdir(), "mnist-ray")  # short: Unix socket paths
         os.makedirs(temp_dir, exist_ok=True)
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                   "--node-ip-address", LOCALHOST, "--port", str(port), "--include-dashboard", "false",
+                   "--node-ip-address", LOCALHOST, "--port", str(port),
+                   *(["--include-dashboard", "true", "--dashboard-host", LOCALHOST, "--dashboard-port",
+                      str(dashboard_port)] if dashboard_port else ["--include-dashboard", "false"]),
                    "--temp-dir", temp_dir, "--disable-usage-stats",
-                   "--ray-client-server-port", str(_free_port()),
+                   "--ray-client-server-port", str(free_port()),
                    # 0: the OS picks a free port (Ray's defaults are fixed numbers).
                    "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0",
                    "--metrics-export-port", "0", "--runtime-env-agent-port", "0",
@@ -248,7 +252,7 @@ class LocalRay:
                # Ray's processes that look their cluster up (Ray Train's placement group
                # cleaner, the state API) find this one, not "multiple active Ray instances".
                "RAY_ADDRESS": f"{LOCALHOST}:{port}",
-               **{name: os.environ.get(name) or str(_free_port()) for name in FIXED_PORT_ENV}}
+               **{name: os.environ.get(name) or str(free_port()) for name in FIXED_PORT_ENV}}
         log_file = tempfile.NamedTemporaryFile("w+b", prefix="ray-start-", suffix=".log", dir=temp_dir, delete=False)
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent())

@@ -100,6 +100,7 @@ def run(cfg: InferConfig) -> dict:
     cluster.configure_process_env()
     cfg.validate()
     started = time.perf_counter()
+    marks = {"run": time.time()}  # wall-clock marks of the fixed cost: the summary's timeline
     model_local, metadata = export.open_model_dir(cfg.model)
     # The runtime as far as it is known before Ray: GPU actors may still fall back to CPU.
     expected_runtime, _ = planning.choose_runtime(cfg, model_local, on_gpu=cfg.gpus_per_actor > 0)
@@ -116,10 +117,12 @@ def run(cfg: InferConfig) -> dict:
         try:
             smoke = background.submit(lambda: smoke_test(model_local, expected_runtime, source.sample(), cfg.model))
             connecting = time.perf_counter()
+            marks["run_checks"] = time.time()
             try:
                 cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output),
                                 shared_storage=cfg.shared_storage)
                 ray_startup = time.perf_counter() - connecting
+                marks["connected"] = time.time()
             finally:
                 smoke.result()
             expected = background.submit(source.digest, stop)
@@ -138,6 +141,7 @@ def run(cfg: InferConfig) -> dict:
                 log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
                          f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
             startup = time.perf_counter() - started
+            marks["planned"] = time.time()
             # On the driver's node: a zero-CPU actor could land on any node, and a lost worker
             # node would take the job's progress (and its summary) with it.
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -152,6 +156,7 @@ def run(cfg: InferConfig) -> dict:
                                           todo=source.rows - plan.resumed_rows)
             finally:
                 ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
+            marks["written"] = time.time()
             files, written, bad = written_files(loc, work)
             try:
                 reconcile(expected.result(), written)
@@ -159,7 +164,9 @@ def run(cfg: InferConfig) -> dict:
                 raise MnistRayError(storage.describe_error(e, cfg.input)) from e
             check_error_rate(bad, written.rows, cfg.max_error_rate)
             figures = run_figures(written.rows, bad.num_rows, plan.resumed_rows, seconds, startup, ray_startup, timing)
+            figures["timeline"] = timeline(marks, timing)
             publish(loc, work, cfg, plan, source, metadata, files, bad, figures)
+            figures["timeline"]["published"] = round(time.time() - figures["timeline"]["process_started_at"], 2)
         finally:
             stop.set()  # a failed run does not wait for the digest of 100M ids
             background.shutdown(wait=False, cancel_futures=True)
@@ -270,6 +277,23 @@ def run_figures(rows: int, error_rows: int, resumed: int, seconds: float, startu
         # Where the predictor actors ran: node id -> actors started, rows scored (retried work included).
         "nodes": timing["nodes"],
     }
+
+
+def timeline(marks: dict, timing: dict) -> dict:
+    """When each part of the fixed cost ended, in seconds since this process started (its
+    absolute start too, so a submitter can add the time before it: ``ray job submit``'s)."""
+    import psutil
+
+    born = psutil.Process().create_time()
+    points = {**marks, "executing": timing["started_at"]}
+    if timing["ready"]:
+        # An actor began its __init__ load_seconds before it reported ready (its model loaded).
+        first = min(range(len(timing["ready"])), key=lambda i: timing["ready"][i])
+        points["first_actor_init"] = timing["ready"][first] - timing["load_seconds"][first]
+        points["first_actor_ready"] = timing["ready"][first]
+    if timing["first_at"]:
+        points["first_prediction"] = timing["first_at"]
+    return {"process_started_at": round(born, 3), **{k: round(v - born, 2) for k, v in points.items()}}
 
 
 def publish(loc: storage.Location, work: str, cfg: InferConfig, plan: planning.Plan, source: sources.Source,

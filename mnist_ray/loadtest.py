@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import urllib.request
 
 import numpy as np
 
+from mnist_ray import cluster
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -169,12 +169,6 @@ def serve_naive(model_dir: str, port: int) -> None:
 
 # --- the comparison `mnist-ray bench --parts serve` runs ------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _levels(name: str, url: str, image_dir: str, requests: int, concurrencies: list[int]) -> list[dict]:
     rows = []
     for c in concurrencies:
@@ -204,7 +198,7 @@ def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[i
     The servers' stderr goes to ``log_dir`` (default: beside the images)."""
     log_dir = log_dir or os.path.dirname(os.path.abspath(image_dir))
     rows: list[dict] = []
-    port = _free_port()
+    port = cluster.free_port()
     naive_log = os.path.join(log_dir, "naive-server.log")
     with open(naive_log, "w") as log_file:
         naive = subprocess.Popen([sys.executable, "-m", "mnist_ray.loadtest", "naive-server", "--model", model_dir,
@@ -217,7 +211,7 @@ def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[i
         _stop(naive, signal.SIGTERM)
     summaries = {}
     for name, batch in (("Serve, no batching", 1), ("Serve, batching", 32)):
-        port = _free_port()
+        port = cluster.free_port()
         argv = [sys.executable, "-m", "mnist_ray.cli", "serve", "--model", model_dir, "--port", str(port),
                 "--replicas", replicas, "--max-batch-size", str(batch)]
         server_log = os.path.join(log_dir, f"serve-batch{batch}.log")

@@ -107,19 +107,6 @@ class _Ledger:
         storage.write_bytes(self.loc, LEDGER, json.dumps({"stages": self.stages}, indent=2).encode())
 
 
-def _epochs_done(runs_uri: str, run_name: str, epochs: int):
-    """Training progress read from the run's newest checkpoint: (epochs done, epochs, "epoch")."""
-    def progress():
-        loc = storage.resolve(runs_uri)
-        names = sorted(i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.join(run_name)))
-                       if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
-        if not names:
-            return 0, epochs, "epoch"
-        state = storage.read_json(storage.resolve(loc.uri_of(f"{run_name}/{names[-1]}")), "state.json")
-        return len(state["history"]), epochs, "epoch"
-    return progress
-
-
 def run(cfg: PipelineConfig) -> dict:
     """prepare -> train -> infer -> evaluate under ``cfg.output``; returns what each stage did."""
     from mnist_ray import evaluate, infer, logs, prepare, train
@@ -203,7 +190,7 @@ def run(cfg: PipelineConfig) -> dict:
         return train.run(dataclasses.replace(train_cfg, resume=interrupted and not cfg.force))
 
     metadata = stage("train", train_cfg.output, "metadata.json", {"run_name": run_name}, train_job,
-                     progress=_epochs_done(train_cfg.storage_path, run_name, train_cfg.epochs))
+                     lines=False)  # train prints epochs done, time per epoch and ETA itself
     stage("infer", infer_cfg.output, storage.MANIFEST, {"runtime": cfg.runtime}, lambda: infer.run(infer_cfg),
           lines=False)  # infer prints rows, images/s and ETA itself
     metrics = stage("evaluate", evaluate_cfg.output, "metrics.json", {"samples": evaluate_cfg.samples},

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import augment, cluster, compat, lock, models, preprocess, shards, storage, synthetic
+from mnist_ray import augment, cluster, compat, lock, logs, models, preprocess, shards, storage, synthetic
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,19 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, *, output: str, manifest: di
     return summary, history
 
 
+def epochs_done(runs_uri: str, run_name: str, epochs: int):
+    """Training progress read from the run's newest checkpoint: (epochs done, epochs, "epoch")."""
+    def progress():
+        loc = storage.resolve(runs_uri)
+        names = sorted(i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.join(run_name)))
+                       if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+        if not names:
+            return 0, epochs, "epoch"
+        state = storage.read_json(storage.resolve(loc.uri_of(f"{run_name}/{names[-1]}")), "state.json")
+        return len(state["history"]), epochs, "epoch"
+    return progress
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` with Ray Train and export it to ``cfg.output``."""
     cluster.configure_process_env()
@@ -472,7 +485,8 @@ def run(cfg: TrainConfig) -> dict:
         datasets = {"train": train_ds, "val": val_ds}
         trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
         try:
-            result = trainer.fit()
+            with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
                                 f"rerun with --resume to continue from the last epoch (run {name})") from e

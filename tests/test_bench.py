@@ -60,5 +60,11 @@ def test_quick_bench_completes_with_sane_figures(tmp_path):
             assert 0.5 < job["accuracy"] <= 1.0  # two quick epochs on 4,500 digits: far above chance
     assert [r["workers"] for r in report["training"]["runs"]] == [0, 1, 2]
     assert all(r["images_per_s"] > 0 for r in report["training"]["runs"])
+    for which in ("cold", "warm"):  # jobs submitted to a running head with `ray job submit`
+        row = report["submit"][which]
+        assert row["rows"] == 10_000 and row["first_prediction_after_submit_s"] > 0
+        assert len(row["parts"]) == 10 and all(v >= 0 for v in row["parts"].values())
+        assert row["done_after_submit_s"] > row["first_prediction_after_submit_s"]
     text = (out / "bench.md").read_text()
     assert "(c) the whole `mnist-ray infer` command" in text and "training throughput" in text
+    assert "fixed cost of a submitted job" in text
