@@ -340,6 +340,7 @@ def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str,
             "ray_startup_seconds": summary["ray_startup_seconds"], "startup_seconds": summary["startup_seconds"],
             "actor_startup_seconds": summary["actor_startup_seconds"],
             "first_prediction_seconds": summary["first_prediction_seconds"],
+            "cpu_us_per_image": summary.get("cpu_us_per_image", {}),
             "accuracy": round(accuracy, 4), **memory}
 
 
@@ -468,6 +469,15 @@ def format_report(report: dict) -> str:
                              f"{100 * j['accuracy']:.2f} % | {j['driver_rss_peak_mb']:,}/{j['driver_uss_peak_mb']:,} | "
                              f"{j['worker_rss_peak_mb']:,}/{j['worker_uss_peak_mb']:,} | {j['workers_total_uss_peak_mb']:,} |")
             lines.append("")
+            lines.append("CPU per scored image, µs (Ray Data's per-operator task CPU; the model calls are part of "
+                         "the predictor operator's):")
+            lines.append("")
+            lines.append("| runtime | N | " + " | ".join(_OPS) + " |")
+            lines.append("|---|---:|" + "---:|" * len(_OPS))
+            for j in r["jobs"]:
+                lines.append(f"| {j['runtime']} | {j['n']:,} | " + " | ".join(
+                    _op_cpu(j.get("cpu_us_per_image", {}), key) for key in _OPS) + " |")
+            lines.append("")
     if report.get("serving"):
         from mnist_ray import loadtest
 
@@ -483,6 +493,15 @@ def format_report(report: dict) -> str:
         lines += [f"| {r['how']} | {r['images_per_s']:,.0f} |" for r in t["runs"]]
         lines.append("")
     return "\n".join(lines)
+
+
+# Columns of the CPU table: a prefix of Ray Data's operator names, or infer's own figures.
+_OPS = ("ReadParquet", "MapBatches(prepare_rows)", "model calls", "Write", "driver")
+
+
+def _op_cpu(figures: dict, prefix: str) -> str:
+    values = [v for k, v in figures.items() if k.startswith(prefix)]
+    return f"{sum(values):.1f}" if values else "-"
 
 
 def run(cfg: BenchConfig) -> dict:

@@ -222,12 +222,14 @@ def execute(scored, plan: planning.Plan, data_path: str, loc: storage.Location, 
     lines = ProgressLines(progress, todo)
     if not sys.stderr.isatty():
         lines.start()
-    started, wall = time.perf_counter(), time.time()
+    started, wall, driver_cpu = time.perf_counter(), time.time(), time.process_time()
     try:
         scored.write_parquet(data_path, filesystem=loc.fs, min_rows_per_file=cfg.rows_per_file,
                              **compat.write_task_args(plan.write_cpus))
         seconds = time.perf_counter() - started
+        driver_cpu = time.process_time() - driver_cpu
         timing = final_progress(progress, todo)
+        timing["cpu_us_per_image"] = cpu_breakdown(scored, timing, driver_cpu)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
     finally:
@@ -247,10 +249,33 @@ def final_progress(progress, rows: int, wait_s: float = 5.0) -> dict:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
             # The figures are lost, not the predictions: the reconciliation still checks every row.
             log.warning("infer: no start-up figures (the progress actor is gone: %s)", type(e).__name__)
-            return {"rows": 0, "ready": [], "load_seconds": [], "first_at": None, "nodes": {}}
+            return {"rows": 0, "ready": [], "load_seconds": [], "first_at": None, "nodes": {}, "model_cpu_s": 0.0}
         if state["rows"] >= rows or time.monotonic() > deadline:
             return state
         time.sleep(0.1)
+
+
+def cpu_breakdown(scored, timing: dict, driver_cpu_s: float) -> dict:
+    """µs of CPU per scored image: each Ray Data operator's tasks (Ray's own stats), the model
+    calls inside the predictor (its share of the predictor operator), and the driver."""
+    rows = timing["rows"]
+    if not rows:
+        return {}
+    out, operators = {}, []
+    try:
+        todo = [scored.get_stats_summary()]
+        while todo:  # a tree: each summary's parents hold the operators before it
+            summary = todo.pop()
+            operators = summary.operators_stats + operators
+            todo += summary.parents
+    except Exception as e:  # noqa: BLE001 - figures, never a reason to fail a finished run
+        log.info("infer: no per-operator CPU figures (%s)", e)
+    for op in operators:
+        if op.cpu_time is not None and op.cpu_time.sum:
+            out[op.operator_name] = round(1e6 * op.cpu_time.sum / rows, 1)
+    out["model calls (in the predictor)"] = round(1e6 * timing["model_cpu_s"] / rows, 1)
+    out["driver (planning, executor, id digest, progress)"] = round(1e6 * driver_cpu_s / rows, 1)
+    return out
 
 
 def check_error_rate(bad: pa.Table, rows: int, max_error_rate: float) -> None:
@@ -276,6 +301,7 @@ def run_figures(rows: int, error_rows: int, resumed: int, seconds: float, startu
         "first_prediction_seconds": round(timing["first_at"] - wall, 2) if timing["first_at"] else None,
         # Where the predictor actors ran: node id -> actors started, rows scored (retried work included).
         "nodes": timing["nodes"],
+        "cpu_us_per_image": timing.get("cpu_us_per_image", {}),
     }
 
 

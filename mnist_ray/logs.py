@@ -88,14 +88,21 @@ def configure_ray_data() -> None:
 
 # --- the run's log file ----------------------------------------------------------------------
 
+FILE_SUFFIXES = {".json", ".jsonl", ".md", ".csv", ".txt", ".yaml", ".yml", ".html"}  # outputs that are one file
+
+
 def log_uri(output: str | None, command: str) -> str | None:
-    """Where the run's log file is kept: ``OUTPUT/_logs/COMMAND-UTC.log`` (None: no output)."""
+    """Where the run's log file is kept: ``OUTPUT/_logs/COMMAND-UTC.log`` (None: no output);
+    beside an output that is one file (``report.json``): in its folder's ``_logs``."""
     if not output:
         return None
     from mnist_ray import storage
 
+    output = output.rstrip("/")
+    if posixpath.splitext(output)[1].lower() in FILE_SUFFIXES:
+        output = posixpath.dirname(output) or "."
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return posixpath.join(output.rstrip("/"), storage.LOGS_DIR, f"{command}-{stamp}-{os.getpid()}.log")
+    return posixpath.join(output, storage.LOGS_DIR, f"{command}-{stamp}-{os.getpid()}.log")
 
 
 class RunLog:

@@ -65,6 +65,7 @@ class Predictor:
     def __init__(self, load_model: Callable[[], Callable[[np.ndarray], np.ndarray]], model_version: str,
                  class_names: list[str] | None = None):
         self.model = load_model()
+        self.model_cpu_s = 0.0  # CPU of the model calls alone (all threads): the breakdown of a run's cost
         self.model_version = pa.scalar(model_version, pa.string())
         names = list(class_names or [str(i) for i in range(predictions.NUM_CLASSES)])
         self.class_names = pa.array(names + [None] * (predictions.NUM_CLASSES - len(names)), pa.string())
@@ -77,7 +78,9 @@ class Predictor:
         if ok.any():
             pixels = shards.pixels_numpy(batch["pixels"])
             try:
+                cpu = time.process_time()
                 probs[ok] = runtimes.predict_pixels(self.model, pixels if ok.all() else pixels[ok])
+                self.model_cpu_s += time.process_time() - cpu
             except Exception as e:  # noqa: BLE001 - a batch the model rejects becomes error rows
                 message = f"scoring failed: {type(e).__name__}: {e}"
                 errors = pc.coalesce(errors, pa.scalar(message, pa.string()))
@@ -108,7 +111,7 @@ class PredictorActor(Predictor):
         import ray
 
         started = time.perf_counter()
-        self.progress, self.unreported, self.reported_at = progress, 0, 0.0
+        self.progress, self.unreported, self.reported_at, self.reported_cpu = progress, 0, 0.0, 0.0
         self.node = ray.get_runtime_context().get_node_id()  # rows are counted by node
         if use_gpu:
             import tensorflow as tf
@@ -131,9 +134,14 @@ class PredictorActor(Predictor):
             self.unreported += out.num_rows
             now = time.time()
             if now - self.reported_at >= self.REPORT_EVERY_S:
-                self.progress.scored.remote(self.unreported, now, self.node)  # fire and forget
+                self.progress.scored.remote(self.unreported, now, self.node, self._cpu())  # fire and forget
                 self.unreported, self.reported_at = 0, now
         return out
+
+    def _cpu(self) -> float:
+        """Model-call CPU seconds since the last report."""
+        cpu, self.reported_cpu = self.model_cpu_s - self.reported_cpu, self.model_cpu_s
+        return cpu
 
     def __del__(self):
         """The rows not reported yet (Ray Data calls this when the pool ends): waited for, since
@@ -142,7 +150,7 @@ class PredictorActor(Predictor):
             import ray
 
             try:
-                ray.get(self.progress.scored.remote(self.unreported, time.time(), self.node), timeout=10)
+                ray.get(self.progress.scored.remote(self.unreported, time.time(), self.node, self._cpu()), timeout=10)
             except Exception:  # noqa: BLE001 - the driver may be gone already
                 pass
 
@@ -156,7 +164,7 @@ class Progress:
     """
 
     def __init__(self):
-        self.rows, self.ready, self.load_seconds, self.first_at = 0, [], [], None
+        self.rows, self.ready, self.load_seconds, self.first_at, self.model_cpu_s = 0, [], [], None, 0.0
         self.nodes: dict[str, dict] = {}  # node id -> actors started there, rows scored there
 
     def _node(self, node: str | None) -> dict:
@@ -167,14 +175,15 @@ class Progress:
         self.load_seconds.append(load_seconds)
         self._node(node)["actors"] += 1
 
-    def scored(self, rows: int, at: float, node: str | None = None) -> None:
+    def scored(self, rows: int, at: float, node: str | None = None, model_cpu_s: float = 0.0) -> None:
         self.rows += rows
+        self.model_cpu_s += model_cpu_s
         self.first_at = self.first_at or at
         self._node(node)["rows"] += rows
 
     def state(self) -> dict:
         return {"rows": self.rows, "ready": self.ready, "load_seconds": self.load_seconds,
-                "first_at": self.first_at, "nodes": self.nodes}
+                "first_at": self.first_at, "nodes": self.nodes, "model_cpu_s": self.model_cpu_s}
 
 
 class ProgressLines(threading.Thread):

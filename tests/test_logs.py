@@ -141,3 +141,21 @@ def test_a_step_with_its_own_progress_lines_gets_no_heartbeat(monkeypatch):
     with logs.stage("pipeline: train"):
         time.sleep(0.2)
     assert lines and lines[0].startswith("pipeline: train running")
+
+
+def test_an_output_that_is_one_file_keeps_its_log_in_its_folder(tmp_path):
+    report = tmp_path / "reports" / "robustness.json"
+    code = f"""
+        import os
+        from mnist_ray import logs
+        os.makedirs({str(report.parent)!r}, exist_ok=True)
+        with logs.run_log("robustness", {str(report)!r}):
+            open({str(report)!r}, "w").write("{{}}")
+            print("in the log")
+        print(logs.current_log())
+    """
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    (log,) = (report.parent / storage.LOGS_DIR).iterdir()
+    assert "in the log" in log.read_text() and report.read_text() == "{}"
+    assert logs.log_uri("s3://bucket/preds/", "infer").startswith("s3://bucket/preds/_logs/infer-")
