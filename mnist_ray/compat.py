@@ -99,30 +99,62 @@ def write_task_args(cpus: float) -> dict:
 
 # --- resuming a job with Ray Data's checkpoint ----------------------------------------------------
 
-def uri_checkpoint_filter_cls(scheme: str):
-    """Ray Data's checkpoint filter for files checkpointed by URI (``s3://b/k``).
+def hashed_checkpoint_classes(scheme: str):
+    """Ray Data's checkpoint manager and filter with ids kept as sorted 64-bit hashes.
 
-    Files are resumed by the ``path`` column, which holds the file's URI when written, while the
-    rows right after the read (where the filter runs) hold the filesystem's path (``b/k``); Ray's
-    own filter compares them verbatim and would filter nothing. This one adds ``scheme`` first.
-    Checked on Ray 2.60.0 (``NumpyArrayBasedCheckpointFilter``).
+    Ray's own (``NumpyArrayBasedCheckpointFilter``) loads every checkpointed id as a Python
+    string in a NumPy object array: ~73 bytes per 16-character id, pickled into every filter
+    actor and sorted in one task, so a resumed 100M-row run needs ~7 GB per filter actor plus
+    the same again to sort. Hashes are 8 bytes per id, and a uint64 array is read from the
+    object store without a copy by every filter actor. A collision (a new id taken for a
+    checkpointed one: p ~ n_new * n_done / 2**64) drops a row, which the reconciliation by
+    other keys (``shards.IdDigest``) then refuses to publish.
+
+    Files are resumed by the ``path`` column, which holds the file's URI when written, while
+    the rows right after the read (where the filter runs) hold the filesystem's path (``b/k``):
+    the filter adds ``scheme`` first. Checked on Ray 2.60.0.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+    import ray
+    from ray.data.checkpoint.checkpoint_filter import CheckpointFilter, IdColumnCheckpointManager
 
-    class UriCheckpointFilter(NumpyArrayBasedCheckpointFilter):
+    from mnist_ray import shards
+
+    class HashedIdCheckpointManager(IdColumnCheckpointManager):
+        def _preprocess_data_pipeline(self, checkpoint_ds):
+            # Ray then sorts this column into one NumPy array: uint64, not strings.
+            return checkpoint_ds.map_batches(_hash_id_column, batch_format="pyarrow", batch_size=None,
+                                             fn_kwargs={"column": self.id_column})
+
+    class HashedIdCheckpointFilter(CheckpointFilter):
         SCHEME = scheme
 
-        def filter_rows_for_block(self, block):
-            if not self.SCHEME or len(self.checkpointed_ids) == 0 or block.num_rows == 0:
-                return super().filter_rows_for_block(block)
-            if not hasattr(self, "done"):
-                self.done = pa.array(self.checkpointed_ids, pa.string())
-            uris = pc.binary_join_element_wise(self.SCHEME, block[self.id_column], "")
-            return block.filter(pc.invert(pc.is_in(uris, value_set=self.done)))
+        def __init__(self, config, checkpoint_ref):
+            super().__init__(config, checkpoint_ref)
+            self.done = ray.get(checkpoint_ref)  # sorted uint64, zero-copy from the object store
 
-    return UriCheckpointFilter
+        def filter_rows_for_block(self, block):
+            if len(self.done) == 0 or block.num_rows == 0:
+                return block
+            ids = block[self.id_column]
+            if self.SCHEME:
+                ids = pc.binary_join_element_wise(self.SCHEME, ids, "")
+            hashes = shards.id_hashes(ids)
+            at = np.minimum(np.searchsorted(self.done, hashes), len(self.done) - 1)
+            return block.filter(pa.array(self.done[at] != hashes))
+
+    return HashedIdCheckpointManager, HashedIdCheckpointFilter
+
+
+def _hash_id_column(batch, column: str):
+    """A checkpoint file's rows -> its ids' hashes (the manager's map over the checkpoint)."""
+    import pyarrow as pa
+
+    from mnist_ray import shards
+
+    return pa.table({column: pa.array(shards.id_hashes(batch[column]), pa.uint64())})
 
 
 # Ray's default of up to 10 filter actors x 1 GiB reserved is sized for big clusters.
@@ -134,12 +166,14 @@ def checkpoint_config(id_column: str, path: str, filesystem, scheme: str = ""):
 
     Kept after success (the driver publishes, then deletes it: a driver that dies between the
     last write and publishing must not rescore everything), with the URI filter above and a
-    small filter pool. Ray applies it only to plans that run Read -> ... -> Write.
+    small filter pool and ids kept as hashes (``hashed_checkpoint_classes``). Ray applies it
+    only to plans that run Read -> ... -> Write.
     """
     from ray.data.checkpoint import CheckpointConfig
 
+    manager_cls, filter_cls = hashed_checkpoint_classes(scheme)
     config = CheckpointConfig(id_column=id_column, checkpoint_path=path, override_filesystem=filesystem,
-                              checkpoint_filter_cls=uri_checkpoint_filter_cls(scheme),
+                              checkpoint_manager_cls=manager_cls, checkpoint_filter_cls=filter_cls,
                               delete_checkpoint_on_success=False)
     config.checkpoint_actor_pool_max_size = CHECKPOINT_FILTER_ACTORS
     return config

@@ -168,6 +168,17 @@ def xor_digest(digests: Iterable[np.ndarray]) -> np.ndarray:
     return acc
 
 
+ID_HASH_KEY = "mnist-ray-ckpt-3"  # SipHash key (16 bytes) of the resume filter: not IdDigest's keys
+
+
+def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit keyed hash (SipHash, via pandas) per id: uint64, the same in every process."""
+    from pandas.util import hash_array
+
+    values = ids.to_numpy(zero_copy_only=False)
+    return hash_array(values, hash_key=ID_HASH_KEY, categorize=False) if len(values) else np.zeros(0, np.uint64)
+
+
 class IdDigest:
     """An order-independent digest of a multiset of ids: their count and two sums of 64-bit
     keyed hashes (SipHash, via pandas), modulo 2**64; infer reconciles its output by it.

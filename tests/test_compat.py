@@ -89,25 +89,56 @@ def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_
     assert CheckpointConfig.CHECKPOINT_ACTOR_POOL_MAX_SIZE == 10
 
 
-def test_rays_checkpoint_filter_compares_ids_verbatim_so_files_need_the_uri_filter(ray_local, tmp_path):
-    """compat.uri_checkpoint_filter_cls: raw files are checkpointed by the URI written
-    (s3://b/k) while Ray's read yields b/k; Ray's own filter drops none of them."""
+def test_rays_checkpoint_filter_holds_ids_as_python_strings_and_compares_them_verbatim(ray_local, tmp_path):
+    """compat.hashed_checkpoint_classes: Ray's own filter keeps every checkpointed id as a Python
+    string (an object array, ~73 bytes per id) and compares ids verbatim, so raw files, written
+    by URI (s3://b/k) and read as b/k, would never be filtered."""
     import ray
-    from ray.data.checkpoint.checkpoint_filter import NumpyArrayBasedCheckpointFilter
+    from ray.data.checkpoint.checkpoint_filter import (NumpyArrayBasedCheckpointFilter,
+                                                       convert_and_sort_checkpointed_ids, _numpy_size)
 
+    table = pa.table({"id": [f"c{i:04d}-t10k-{i:05d}" for i in range(1000)]})
+    ids, size = ray.get(convert_and_sort_checkpointed_ids.options(num_returns=2).remote(table, "id"))
+    assert ids.dtype == object and size / len(ids) > 60, \
+        f"Ray now keeps ids in {ids.dtype} ({size / len(ids):.0f} B each): compare with compat's 8-byte hashes"
+    assert _numpy_size(np.zeros(1000, np.uint64)) == 8000
     done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
     block = pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]})
     config = compat.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "s3://")
     assert NumpyArrayBasedCheckpointFilter(config, done).filter_rows_for_block(block).num_rows == 3, \
-        "Ray now matches URIs itself: drop compat.uri_checkpoint_filter_cls"
-    keep = config.checkpoint_filter_cls(config, done).filter_rows_for_block(block)
+        "Ray now matches URIs itself: the scheme in compat's filter may go"
+
+
+def _load_checkpoint(config, tmp_path, ids: list[str]):
+    """What a resumed run's filter actors get: Ray's manager (with compat's classes) over real
+    committed checkpoint files."""
+    import ray
+
+    pq.write_table(pa.table({config.id_column: ids[: len(ids) // 2]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({config.id_column: ids[len(ids) // 2:]}), tmp_path / "b.parquet")
+    manager = config.checkpoint_manager_cls(checkpoint_config=config, data_context=ray.data.DataContext.get_current())
+    return manager.load_checkpoint()
+
+
+def test_resumed_runs_filter_by_8_byte_hashes_of_ids_and_of_uris(ray_local, tmp_path):
+    import ray
+
+    config = compat.checkpoint_config("id", str(tmp_path / "ids"), pafs.LocalFileSystem())
+    (tmp_path / "ids").mkdir()
+    ref, size = _load_checkpoint(config, tmp_path / "ids", [f"c{i:04d}-x" for i in range(0, 2000, 2)])
+    done = ray.get(ref)
+    assert done.dtype == np.uint64 and size == 8 * 1000 and np.all(np.diff(done.astype(np.float64)) >= 0)
+    block = pa.table({"id": [f"c{i:04d}-x" for i in range(2000)], "n": list(range(2000))})
+    keep = config.checkpoint_filter_cls(config, ref).filter_rows_for_block(block)
+    assert keep["n"].to_pylist() == list(range(1, 2000, 2))
+    # Files: checkpointed by the URI written, filtered on the path the read yields.
+    s3 = compat.checkpoint_config("path", str(tmp_path / "uris"), pafs.LocalFileSystem(), "s3://")
+    (tmp_path / "uris").mkdir()
+    ref, _ = _load_checkpoint(s3, tmp_path / "uris", ["s3://b/x/1.png", "s3://b/x/3.png"])
+    block = pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]})
+    keep = s3.checkpoint_filter_cls(s3, ref).filter_rows_for_block(block)
     assert keep["path"].to_pylist() == ["b/x/2.png"] and keep["bytes"].to_pylist() == [b"2"]
-    # Local files: the written path is the reader's path, Ray's own comparison applies.
-    local = compat.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "")
-    keep = local.checkpoint_filter_cls(local, ray.put(np.array(["/d/1.png"], dtype=object))).filter_rows_for_block(
-        pa.table({"path": ["/d/1.png", "/d/2.png"]}))
-    assert keep["path"].to_pylist() == ["/d/2.png"]
-    assert not hasattr(config, "path_scheme")  # nothing bolted onto Ray's config
+    assert not hasattr(s3, "path_scheme")  # nothing bolted onto Ray's config
 
 
 class _Identity:

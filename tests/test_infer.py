@@ -170,13 +170,15 @@ def test_an_interrupted_job_resumes_and_never_reuses_another_jobs_work(trained_m
     out = tmp_path / "preds"
     args = ["--model", model_dir, "--input", small_shards, "--output", str(out),
             "--batch-size", "50", "--rows-per-file", "100"]
+    console = open(tmp_path / "console.txt", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "mnist_ray.cli", "infer", *args],
                             env={**os.environ, "RAY_ADDRESS": ""}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=console, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not [p for p in out.glob("run-*/checkpoint/*.parquet") if ".pending." not in p.name]:
-            assert proc.poll() is None, "infer ended before it could be killed"
+            assert proc.poll() is None, "infer ended before it could be killed: " + \
+                (tmp_path / "console.txt").read_text()[-2000:]
             assert time.monotonic() < deadline, "infer never committed a checkpoint"
             time.sleep(0.02)
     finally:
