@@ -39,7 +39,7 @@ import pyarrow.fs as pafs
 from mnist_ray import (__version__, cluster, compat, export, foreign, gpu, lock, predictions, runtimes, shards,
                        sources, storage)
 from mnist_ray import plan as planning
-from mnist_ray.errors import MnistRayError
+from mnist_ray.errors import MnistRayError, raised_in_worker
 from mnist_ray.predictor import PredictorActor, Progress, ProgressLines, prepare_rows
 
 log = logging.getLogger(__name__)
@@ -256,6 +256,11 @@ def execute(scored, plan: planning.Plan, data_path: str, loc: storage.Location, 
         timing["cpu_us_per_image"] = cpu_breakdown(scored, timing, driver_cpu)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+    except ray.exceptions.RayError as e:
+        reason = raised_in_worker(e)  # e.g. a GPU actor whose TensorFlow sees no GPU
+        if reason is None:
+            raise
+        raise MnistRayError(f"the predictor actors failed: {reason}") from e
     finally:
         lines.stopped.set()
     return seconds, {**timing, "started_at": wall}

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mnist_ray import augment, cluster, compat, gpu, lock, logs, models, preprocess, shards, storage, synthetic
-from mnist_ray.errors import MnistRayError
+from mnist_ray.errors import MnistRayError, raised_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,8 @@ def run(cfg: TrainConfig) -> dict:
                 with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
                     result = trainer.fit()
             except ray.train.TrainingFailedError as e:
-                raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
+                reason = raised_in_worker(e) or str(e).splitlines()[0].rstrip(":")  # a worker's own sentence
+                raise MnistRayError(f"training failed after {cfg.max_failures} retries: {reason}; "
                                     f"rerun with --resume to continue from the last epoch (run {name})") from e
         train_seconds = time.perf_counter() - started
         summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,

@@ -226,3 +226,21 @@ def test_bench_gpu_mode_refuses_on_a_machine_without_a_gpu(tmp_path):
     with pytest.raises(MnistRayError, match="bench --gpu needs a GPU: TensorFlow .* sees none"):
         bench(BenchConfig(gpu=True, output=str(tmp_path / "bench")))
     assert time.perf_counter() - started < 60 and not (tmp_path / "bench").exists()  # nothing was made
+
+
+# --- training --------------------------------------------------------------------------------
+
+def test_train_use_gpu_places_workers_on_the_declared_gpus_and_fails_in_words_without_cuda(ray_with_gpus, tmp_path):
+    """Not refused (the cluster has the GPUs): the Train worker gets one, and its TensorFlow,
+    which sees none here, stops the run with the worded error instead of training on the CPU."""
+    from mnist_ray import prepare, train
+
+    data = str(tmp_path / "shards")
+    prepare.run(prepare.PrepareConfig(source="mnist-sample", limit=200, output=data))
+    cfg = train.TrainConfig(data=data, output=str(tmp_path / "model"), model="mlp", epochs=1, workers=1,
+                            use_gpu=True, max_failures=0, tflite=False)
+    with pytest.raises(MnistRayError) as caught:
+        train.run(cfg)
+    message = str(caught.value)
+    assert "training failed" in message and "Ray gave this process a GPU" in message, message
+    assert not (tmp_path / "model").exists()
