@@ -1,8 +1,8 @@
 """GPUs: what a Ray actor or Train worker that was given one sets up, how the driver keeps off
 the GPUs itself, asking the autoscaler for GPU nodes, and the training collective.
 
-Everything here runs on CPU too: the TensorFlow calls are made only when a GPU was asked for,
-and the planning functions are pure. Checked on a CPU-only machine with a Ray that declares
+Everything here runs on CPU too: the TensorFlow calls are made only when a GPU was asked for.
+The pool's GPU planning is ``plan``'s. Checked on a CPU-only machine with a Ray that declares
 GPUs (docs/gpu.md says what no real GPU has run yet).
 """
 
