@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mnist_ray import cluster, preprocess, runtimes, shards, storage
+from mnist_ray import cluster, gpu, preprocess, runtimes, shards, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ class BenchConfig:
     serve_replicas: str = field(default="1", metadata={"help": "Serve replicas of the serving part (N or MIN..MAX)"})
     submit_model: str = field(default="cnn", metadata={"help": "model of the submitted-job part"})
     parts: str = field(default=",".join(PARTS), metadata={"help": "which parts to run: " + ",".join(PARTS)})
+    gpu: bool = field(default=False, metadata={
+        "help": "GPU mode: also the forward-pass ceiling on the GPU and the whole infer command with 1, 2 and 4 "
+                "actors per GPU (refuses on a machine without a GPU)"})
     quick: bool = field(default=False, metadata={
         "help": f"a few thousand images, two runtimes, short training: checks the bench works ({QUICK})"})
 
@@ -324,10 +327,11 @@ def micro(cfg: BenchConfig, model_dir: str, seed: pa.Table) -> dict:
 
 # --- (c) --------------------------------------------------------------------------------------
 
-def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str, out: str) -> dict:
+def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str, out: str,
+              extra: tuple[str, ...] = ()) -> dict:
     batch = ["--batch-size", str(cfg.batch_size)] if cfg.batch_size else []
     summary, wall, memory = _command("infer", "--model", model_dir, "--input", data, "--output", out,
-                                     "--runtime", runtime, *batch, "--overwrite", sample_memory=True)
+                                     "--runtime", runtime, *batch, *extra, "--overwrite", sample_memory=True)
     table = _predictions(out)
     if summary["rows"] != n or table.num_rows != n or summary["errors"]:
         raise MnistRayError(f"bench: infer on {n} rows published {summary['rows']} rows, "
@@ -342,6 +346,23 @@ def infer_job(cfg: BenchConfig, model_dir: str, data: str, n: int, runtime: str,
             "first_prediction_seconds": summary["first_prediction_seconds"],
             "cpu_us_per_image": summary.get("cpu_us_per_image", {}),
             "accuracy": round(accuracy, 4), **memory}
+
+
+def gpu_part(cfg: BenchConfig, model_dir: str, seed: pa.Table, gpus: int, work: str) -> dict:
+    """GPU mode: (b) on the GPU (uint8 in), then (c) at the largest N with 1, 2 and 4 actors per GPU."""
+    pixels = shards.pixels_numpy(seed.slice(0, cfg.micro_images)["pixels"])
+    model = runtimes.load(model_dir, "tf")
+    ceiling = round(_rate(lambda: runtimes.predict_pixels_batched(model, pixels, _batch(cfg, "tf")), len(pixels)))
+    n = max(cfg.size_list())
+    data = os.path.join(work, "data", f"n{n}")
+    if not _complete(data, source=f"replicated:{n}", rows=n, schema_version=shards.SCHEMA_VERSION):
+        replicate_shards(seed, data, n)
+    jobs = []
+    for per_gpu in gpu.BENCH_ACTORS_PER_GPU:
+        extra = ("--actors", str(per_gpu * gpus), "--gpus-per-actor", f"{1 / per_gpu:g}", "--require-gpu")
+        job = infer_job(cfg, model_dir, data, n, "tf", os.path.join(work, "predictions"), extra)
+        jobs.append({"actors_per_gpu": per_gpu, **job, "c_over_b": _sig(job["images_per_s"] / ceiling)})
+    return {"gpus": gpus, "ceiling_images_per_s": ceiling, "jobs": jobs}
 
 
 def _predictions(uri: str) -> pa.Table:
@@ -446,6 +467,14 @@ def format_report(report: dict) -> str:
         mi = r.get("micro")
         lines.append(f"## {name}")
         lines.append("")
+        if r.get("gpu"):
+            g = r["gpu"]
+            lines += [f"GPU ({g['gpus']} GPUs): compiled forward pass on the GPU (uint8 in) "
+                      f"**{g['ceiling_images_per_s']:,} images/s**", "",
+                      "| actors per GPU | N | images/s (whole command) | c/b |", "|---:|---:|---:|---:|"]
+            lines += [f"| {j['actors_per_gpu']} | {j['n']:,} | {j['images_per_s']:,.0f} | {j['c_over_b']} |"
+                      for j in g["jobs"]]
+            lines.append("")
         if mi:
             lines.append(f"(a) naive loop (Pillow one by one, predict batch 32): "
                          f"**{mi['naive_images_per_s']:,} images/s**; (b) compiled forward pass (batch "
@@ -508,6 +537,7 @@ def run(cfg: BenchConfig) -> dict:
     cluster.configure_process_env()
     cfg = cfg.resolved()
     cfg.validate()
+    gpus = gpu.gpus_for_bench() if cfg.gpu else 0  # refuses in seconds, before any data is made
     started = time.perf_counter()
     work = os.path.join(cfg.output, "work")
     os.makedirs(work, exist_ok=True)
@@ -550,6 +580,8 @@ def run(cfg: BenchConfig) -> dict:
                 entry["jobs"].append(job)
                 log.info("bench: %s %s N=%s: %.0f images/s (whole command)", name, runtime, f"{n:,}",
                          job["images_per_s"])
+        if cfg.gpu:
+            entry["gpu"] = gpu_part(cfg, model_dir, seed, gpus, work)
         report["models"][name] = entry
     if "train" in parts:
         report["training"] = {"model": cfg.train_model, "batch_size": cfg.train_batch_size,
@@ -560,6 +592,7 @@ def run(cfg: BenchConfig) -> dict:
         from mnist_ray import fixedcost
 
         report["submit"] = fixedcost.measure(_model_dir(cfg, cfg.submit_model, train_data, work), seed_uri, work)
+    report["gpus"] = gpus
     report["seconds"] = round(time.perf_counter() - started, 1)
     _check_sane(report)
     with open(os.path.join(cfg.output, "bench.json"), "w") as f:

@@ -18,6 +18,7 @@ so another model or input never reuses partial work. Readers only see the manife
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -35,9 +36,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from mnist_ray import __version__, cluster, compat, export, foreign, lock, predictions, runtimes, shards, sources, storage
+from mnist_ray import (__version__, cluster, compat, export, foreign, gpu, lock, predictions, runtimes, shards,
+                       sources, storage)
 from mnist_ray import plan as planning
-from mnist_ray.errors import MnistRayError
+from mnist_ray.errors import MnistRayError, raised_in_worker
 from mnist_ray.predictor import PredictorActor, Progress, ProgressLines, prepare_rows
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ def run(cfg: InferConfig) -> dict:
         # beside ray.init it held the GIL and slowed Ray's start-up.
         background = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="infer")
         stop = threading.Event()
+        scaling = contextlib.ExitStack()  # a standing request for GPU nodes, withdrawn at the end
         try:
             smoke = background.submit(lambda: smoke_test(model_local, expected_runtime, source.sample(), cfg.model))
             connecting = time.perf_counter()
@@ -130,7 +133,8 @@ def run(cfg: InferConfig) -> dict:
             import ray
 
             version = metadata["version"]
-            plan = planning.make(cfg, ray.cluster_resources(), model_local,
+            resources, autoscaler_gpus = cluster_resources(cfg, scaling)
+            plan = planning.make(cfg, resources, model_local, autoscaler_gpus=autoscaler_gpus,
                                  resumed_rows=lambda runtime: checkpointed_rows(loc, work_dir(loc, source.fingerprint, version, runtime)))
             log.info("infer: plan: %s", plan.describe())
             if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
@@ -169,6 +173,7 @@ def run(cfg: InferConfig) -> dict:
             figures["timeline"]["published"] = round(time.time() - figures["timeline"]["process_started_at"], 2)
         finally:
             stop.set()  # a failed run does not wait for the digest of 100M ids
+            scaling.close()
             background.shutdown(wait=False, cancel_futures=True)
         return {"output": cfg.output, **figures, "model_version": version, "runtime": plan.runtime,
                 "runtime_reason": plan.runtime_reason, "batch_size": plan.batch_size,
@@ -178,11 +183,29 @@ def run(cfg: InferConfig) -> dict:
 
 # --- the steps ------------------------------------------------------------------------------
 
+def cluster_resources(cfg: InferConfig, scaling: contextlib.ExitStack) -> tuple[dict, float]:
+    """The cluster's resources to plan with, and the GPUs its autoscaler can still add. When GPU
+    actors are asked for and the cluster is short of GPUs it can get, the autoscaler is asked
+    for the pool's nodes and this waits for them (the request is withdrawn when ``scaling``
+    closes); a cluster that can never have them is left to the plan (CPU, or --require-gpu)."""
+    import ray
+
+    gpus = planning.actor_gpus(cfg.runtime, cfg.gpus_per_actor)
+    if gpus == 0:
+        return ray.cluster_resources(), 0.0
+    lo, hi = planning.parse_actors(cfg.actors)
+    can_get = gpu.gpus_the_cluster_can_get()
+    scaling.enter_context(gpu.gpus_for([{"GPU": gpus, "CPU": cfg.cpus_per_actor}] * hi, lo * gpus, can_get))
+    return ray.cluster_resources(), can_get
+
+
 def smoke_test(model_local: str, runtime: str, sample: pa.Table | None, model_uri: str) -> None:
     """Score a few real rows in the driver: a broken model fails in seconds, not in the pool."""
     if sample is None or sample.num_rows == 0:
         return
     rows = prepare_rows(sample)
+    if runtime == "tf":
+        gpu.hide_gpus_from_driver()  # before TensorFlow maps every GPU's memory in the driver
     try:
         probs = runtimes.predict_pixels(runtimes.load(model_local, runtime), shards.pixels_numpy(rows["pixels"]))
     except MnistRayError:
@@ -207,7 +230,8 @@ def build_dataset(source: sources.Source, plan: planning.Plan, model_uri: str, m
         compute=ray.data.ActorPoolStrategy(min_size=plan.actors_min, max_size=plan.actors_max),
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs={"model_uri": model_uri, "runtime": plan.runtime, "progress": progress,
-                               "model_version": model_version, "use_gpu": plan.on_gpu,
+                               "model_version": model_version, "gpus": plan.gpus_per_actor,
+                               "cpus": plan.cpus_per_actor,
                                "class_names": class_names})
 
 
@@ -232,6 +256,11 @@ def execute(scored, plan: planning.Plan, data_path: str, loc: storage.Location, 
         timing["cpu_us_per_image"] = cpu_breakdown(scored, timing, driver_cpu)
     except OSError as e:
         raise MnistRayError(storage.describe_error(e, cfg.output)) from e
+    except ray.exceptions.RayError as e:
+        reason = raised_in_worker(e)  # e.g. a GPU actor whose TensorFlow sees no GPU
+        if reason is None:
+            raise
+        raise MnistRayError(f"the predictor actors failed: {reason}") from e
     finally:
         lines.stopped.set()
     return seconds, {**timing, "started_at": wall}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A GPU actor still feeds its GPU from the CPU, but half a core does that.
-GPU_ACTOR_MAX_CPUS = 0.5
 # Smallest CPU share a predictor actor is squeezed to on a resumed run of a small node.
 MIN_ACTOR_CPUS = 0.25
 # Blocks in flight, whatever N: Ray Data's default budget is a fraction of the object store
@@ -95,33 +94,79 @@ def choose_runtime(cfg: InferConfig, model_dir: str, on_gpu: bool) -> tuple[str,
 
 
 def make(cfg: InferConfig, resources: dict, model_dir: str,
-         resumed_rows: Callable[[str], int] = lambda runtime: 0) -> Plan:
-    """The plan for ``cfg`` on a cluster with ``resources`` (``ray.cluster_resources()``).
+         resumed_rows: Callable[[str], int] = lambda runtime: 0, autoscaler_gpus: float = 0.0) -> Plan:
+    """The plan for ``cfg`` on a cluster with ``resources`` (``ray.cluster_resources()``) whose
+    autoscaler can add ``autoscaler_gpus`` GPUs (``gpu.gpus_the_cluster_can_get``).
 
     ``resumed_rows(runtime)``: rows an earlier attempt of this job committed (the work dir
     depends on the runtime). Refuses a pool that would starve the read and write tasks.
     """
     lo, hi = parse_actors(cfg.actors)
-    cpus, gpus = resources.get("CPU", 0), cfg.gpus_per_actor
-    if cpus > 0 and gpus > 0 and resources.get("GPU", 0) == 0:
-        if cfg.require_gpu:
-            raise MnistRayError("--require-gpu: the cluster has no GPU")
-        log.warning("the cluster has no GPU: running the predictor actors on CPU")
-        gpus = 0.0
+    cpus, gpus = resources.get("CPU", 0), actor_gpus(cfg.runtime, cfg.gpus_per_actor)
+    if gpus > 0:
+        have = resources.get("GPU", 0)
+        if have == 0 and autoscaler_gpus == 0 and cpus == 0:
+            # An autoscaling cluster scaled to zero whose config is not on this machine (a
+            # ray:// driver): nothing to measure, so trust the flags.
+            pass
+        elif have == 0 and autoscaler_gpus == 0:
+            if cfg.require_gpu:
+                raise MnistRayError("--require-gpu: the cluster has no GPU and no autoscaler that can add one")
+            log.warning("the cluster has no GPU: running the predictor actors on CPU")
+            gpus = 0.0
+        else:
+            hi = cap_pool_by_gpus(hi, gpus, have + autoscaler_gpus)
+            lo = min(lo, hi)
     runtime, reason = choose_runtime(cfg, model_dir, on_gpu=gpus > 0)
     resumed = resumed_rows(runtime)
-    actor_cpus = cfg.cpus_per_actor if gpus == 0 else min(cfg.cpus_per_actor, GPU_ACTOR_MAX_CPUS)
+    actor_cpus = cfg.cpus_per_actor
     if cpus == 0:
         # An autoscaling cluster scaled to zero (cluster.yaml's head has CPU 0): nothing to
         # measure yet, so trust the flags and let the autoscaler bring the nodes they ask for.
         log.info("the cluster has no worker nodes yet: the actor pool will wait for the autoscaler")
     else:
+        if gpus > 0:
+            actor_cpus = fit_gpu_actor_cpus(cpus, hi, actor_cpus, resuming=resumed > 0)
         actor_cpus = fit_actor_cpus(cpus, hi, actor_cpus, resuming=resumed > 0)
     return Plan(runtime=runtime, runtime_reason=reason, batch_size=cfg.batch_size or default_batch_size(runtime),
                 actors_min=lo, actors_max=hi, cpus_per_actor=actor_cpus, gpus_per_actor=gpus,
                 prepare_cpus=actor_cpus if gpus == 0 else compat.IO_TASK_CPUS,
                 read_cpus=compat.IO_TASK_CPUS, write_cpus=compat.IO_TASK_CPUS,
                 read_ahead_bytes=max(READ_AHEAD_BYTES_MIN, hi * READ_AHEAD_BYTES_PER_ACTOR), resumed_rows=resumed)
+
+
+def actor_gpus(runtime: str, gpus_per_actor: float) -> float:
+    """GPUs a predictor actor asks for: none for TFLite, whose Python interpreter runs on the CPU
+    (``auto`` picks tf on GPU actors)."""
+    if gpus_per_actor > 0 and runtime.startswith("tflite"):
+        log.warning("--runtime %s runs on the CPU (TFLite's Python interpreter has no GPU delegate here): "
+                    "its actors ask for no GPU; use --runtime tf or auto for GPU actors", runtime)
+        return 0.0
+    return gpus_per_actor
+
+
+def cap_pool_by_gpus(actors: int, gpus_per_actor: float, gpus: float) -> int:
+    """The largest pool that ``gpus`` GPUs (those the cluster has, plus what its autoscaler can
+    add) can hold; one actor that can never fit is an error."""
+    fits = math.floor(gpus / gpus_per_actor + 1e-9)  # 3 x 1/3 is one GPU, whatever the rounding
+    if fits < 1:
+        raise MnistRayError(f"one actor needs {gpus_per_actor:g} GPU but the cluster can have only {gpus:g}: "
+                            "lower --gpus-per-actor")
+    if fits < actors:
+        log.info("%d actors x %g GPU do not fit on %g GPUs: the pool is capped at %d", actors, gpus_per_actor,
+                 gpus, fits)
+    return min(actors, fits)
+
+
+def fit_gpu_actor_cpus(cpus: float, actors: int, actor_cpus: float, resuming: bool) -> float:
+    """A GPU actor keeps its --cpus-per-actor (the host side of every batch needs it), lowered to
+    an even share of what Ray Data's tasks leave only where the pool would not fit otherwise."""
+    room = cpus - compat.data_cpu_reserve(resuming)
+    if actors * actor_cpus > room and room / actors >= MIN_ACTOR_CPUS:
+        log.info("%d GPU actors x %g CPU do not fit on %g CPUs beside Ray Data's tasks: %.2g CPU each",
+                 actors, actor_cpus, cpus, room / actors)
+        return room / actors
+    return actor_cpus
 
 
 def fit_actor_cpus(cpus: float, actors: int, actor_cpus: float, resuming: bool) -> float:

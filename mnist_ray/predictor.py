@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mnist_ray import export, predictions, preprocess, runtimes, shards
+from mnist_ray import export, gpu, predictions, preprocess, runtimes, shards
 
 log = logging.getLogger(__name__)
 
@@ -106,23 +106,21 @@ class PredictorActor(Predictor):
     # figure "first prediction"): one call per batch cost the progress actor ~3 % of a core.
     REPORT_EVERY_S = 1.0
 
-    def __init__(self, model_uri: str, runtime: str, model_version: str, use_gpu: bool, progress=None,
-                 class_names: list[str] | None = None):
+    def __init__(self, model_uri: str, runtime: str, model_version: str, gpus: float = 0.0, cpus: float = 1.0,
+                 progress=None, class_names: list[str] | None = None):
         import ray
 
         started = time.perf_counter()
         self.progress, self.unreported, self.reported_at, self.reported_cpu = progress, 0, 0.0, 0.0
         self.node = ray.get_runtime_context().get_node_id()  # rows are counted by node
-        if use_gpu:
-            import tensorflow as tf
-
-            for gpu in tf.config.list_physical_devices("GPU"):
-                # Several actors may share a GPU (fractional --gpus-per-actor): grow, don't grab.
-                tf.config.experimental.set_memory_growth(gpu, True)
+        if gpus > 0:
+            # A GPU actor whose TensorFlow cannot use the GPU fails here, in words; a fractional
+            # one is capped at its share of the GPU's memory before the model loads.
+            gpu.configure_tf_for_actor(gpus)
 
         def load():
             local, _ = export.open_model_dir(model_uri)
-            return runtimes.load(local, runtime)
+            return runtimes.load(local, runtime, num_threads=runtimes.tflite_threads(cpus))
 
         super().__init__(load, model_version, class_names)
         if progress is not None:

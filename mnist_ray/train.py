@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import augment, cluster, compat, lock, logs, models, preprocess, shards, storage, synthetic
-from mnist_ray.errors import MnistRayError
+from mnist_ray import augment, cluster, compat, gpu, lock, logs, models, preprocess, shards, storage, synthetic
+from mnist_ray.errors import MnistRayError, raised_in_worker
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,16 @@ def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
     total = resources.get("CPU", 0)
     if cfg.use_gpu and cfg.workers > resources.get("GPU", 0):
         raise MnistRayError(f"{cfg.workers} GPU workers need {cfg.workers} GPUs but the cluster has "
-                            f"{resources.get('GPU', 0):g}: lower --workers or drop --use-gpu")
+                            f"{resources.get('GPU', 0):g} and its autoscaler can add none: lower --workers "
+                            "or drop --use-gpu")
     keep = compat.data_cpu_reserve() + reserved
     if cfg.cpus_per_worker is not None:
         need = cfg.cpus_per_worker
+    elif cfg.use_gpu:
+        # A GPU worker's input pipeline needs more than one core to keep its GPU busy: the CPUs
+        # its node has per GPU, less the data tasks' share.
+        per_gpu = gpu.cpus_per_gpu([n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        need = max(MIN_CPUS_PER_WORKER, math.floor((per_gpu - keep) * 20) / 20)
     else:
         need = min(1.0, math.floor((total - keep) / cfg.workers * 20) / 20)
         need = max(need, MIN_CPUS_PER_WORKER)
@@ -210,6 +217,27 @@ def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
             f"{keep:g} for data tasks, but the cluster has {total:g} CPUs: lower --workers "
             "or --cpus-per-worker, or add nodes")
     return need
+
+
+def gpus_for(cfg: TrainConfig):
+    """With --use-gpu on a cluster short of GPUs that its autoscaler can add: a context that asks
+    for one GPU (and the worker's CPUs) per worker, waits for them, and withdraws the request."""
+    if not cfg.use_gpu:
+        return contextlib.nullcontext()
+    bundles = [{"GPU": 1, "CPU": cfg.cpus_per_worker or 1}] * cfg.workers
+    return gpu.gpus_for(bundles, cfg.workers, gpu.gpus_the_cluster_can_get())
+
+
+GPU_MIN_BATCH_PER_WORKER = 128
+
+
+def warn_small_gpu_batches(cfg: TrainConfig) -> None:
+    """--batch-size is global: split over many GPUs it can leave each one a few images a step."""
+    per_gpu = cfg.batch_size // cfg.workers
+    if cfg.use_gpu and per_gpu < GPU_MIN_BATCH_PER_WORKER:
+        log.warning("each GPU gets %d images a step (--batch-size %d over %d workers): a GPU is mostly idle "
+                    "below ~%d; consider --batch-size %d and a learning rate scaled with it", per_gpu,
+                    cfg.batch_size, cfg.workers, GPU_MIN_BATCH_PER_WORKER, GPU_MIN_BATCH_PER_WORKER * cfg.workers)
 
 
 # --- the training loop (runs inside every Ray Train worker) ------------------------------------
@@ -236,30 +264,50 @@ def build_optimizer(config: dict):
 
 class WeightEMA:
     """Exponential moving average of all weights, BatchNorm statistics included, kept across
-    epochs and checkpoints; the exported model is the average."""
+    epochs and checkpoints; the exported model is the average.
+
+    The shadow weights are variables beside the model's (on its GPU when it has one), moved by
+    one compiled update per step: nothing crosses to the host but once an epoch (``state``).
+    """
 
     def __init__(self, model, decay: float, state: dict | None = None):
+        import tensorflow as tf
+
         self.model, self.decay = model, decay
-        if state is None:
-            self.steps, self.shadow = 0, [np.array(w, np.float64) for w in model.get_weights()]
-        else:
-            self.steps, self.shadow = int(state["steps"]), [state[f"w{i}"] for i in range(len(state) - 1)]
+        values = [state[f"w{i}"] for i in range(len(state) - 1)] if state is not None else \
+            [w.value() for w in model.weights]
+        self.shadow = [tf.Variable(tf.cast(v, w.dtype), trainable=False, name=f"ema_{i}")
+                       for i, (v, w) in enumerate(zip(values, model.weights))]
+        self._steps = tf.Variable(int(state["steps"]) if state is not None else 0, dtype=tf.int64,
+                                  trainable=False, name="ema_steps")
+        self._update = tf.function(self._update_step)
+
+    def _update_step(self) -> None:
+        import tensorflow as tf
+
+        self._steps.assign_add(1)
+        steps = tf.cast(self._steps, tf.float32)
+        d = tf.minimum(self.decay, (1.0 + steps) / (10.0 + steps))  # warm up from the start
+        for s, w in zip(self.shadow, self.model.weights):
+            s.assign(s * tf.cast(d, s.dtype) + w.value() * tf.cast(1.0 - d, s.dtype))
+
+    @property
+    def steps(self) -> int:
+        return int(self._steps.numpy())
 
     def update(self) -> None:
-        self.steps += 1
-        d = min(self.decay, (1.0 + self.steps) / (10.0 + self.steps))  # warm up from the start
-        for s, w in zip(self.shadow, self.model.get_weights()):
-            s *= d
-            s += (1.0 - d) * w
+        self._update()
 
     def callback(self):
         return models.keras().callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: self.update())
 
     def state(self) -> dict:
-        return {"steps": np.array(self.steps), **{f"w{i}": s for i, s in enumerate(self.shadow)}}
+        """The average as numpy arrays, for a checkpoint."""
+        return {"steps": np.array(self.steps), **{f"w{i}": s.numpy() for i, s in enumerate(self.shadow)}}
 
     def apply(self) -> None:
-        self.model.set_weights([s.astype(np.float32) for s in self.shadow])
+        for w, s in zip(self.model.weights, self.shadow):
+            w.assign(s)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -275,10 +323,11 @@ def train_loop_per_worker(config: dict) -> None:
     k = models.keras()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    # One all-reduce per step for all gradients, not one per variable: on CPU clusters the
-    # per-collective latency, not bandwidth, is what costs.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=64 << 20))
+    use_gpu = config.get("use_gpu", False)
+    if use_gpu:
+        gpu.check_tf_sees_gpu()  # a GPU worker on the CPU would train, slowly, without a word
+    # NCCL between GPU workers, ring between CPU workers; one all-reduce for all gradients.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=gpu.communication_options(use_gpu))
     checkpoint = ray.train.get_checkpoint()
     history: list[dict] = []
     ema_state = None
@@ -316,12 +365,12 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
                                    local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
-        ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)))
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
         if config["augment"]:
             ds = ds.enumerate().map(
                 lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
                 num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.prefetch(2)
+        ds = ds.prefetch(tf.data.AUTOTUNE)  # a GPU step is short: keep batches ready
         steps_before = int(model.optimizer.iterations.numpy())
         fit = model.fit(ds, epochs=1, verbose=0, callbacks=[ema.callback()] if ema else [])
         seconds = time.perf_counter() - started
@@ -406,6 +455,7 @@ def loop_config(cfg: TrainConfig, train_rows: int, cpus: float) -> dict:
         "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "learning_rate": cfg.learning_rate, "augment": cfg.augment, "width": cfg.width, "seed": cfg.seed,
         "steps_per_epoch": train_rows // cfg.batch_size, "train_rows": train_rows, "cpus_per_worker": cpus,
+        "use_gpu": cfg.use_gpu,
         **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
     }
 
@@ -476,20 +526,23 @@ def run(cfg: TrainConfig) -> dict:
         name = cfg.run_name(manifest["fingerprint"])
         run_loc = _prepare_run_storage(cfg, name)
         cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
-        cpus = cpus_per_worker(cfg)
+        warn_small_gpu_batches(cfg)
 
         import ray.train
 
-        started = time.perf_counter()
-        train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
-        datasets = {"train": train_ds, "val": val_ds}
-        trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
-        try:
-            with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
-                result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise MnistRayError(f"training failed after {cfg.max_failures} retries: {str(e).splitlines()[0]}; "
-                                f"rerun with --resume to continue from the last epoch (run {name})") from e
+        with gpus_for(cfg):  # scale from zero: GPU nodes are asked for, not refused
+            cpus = cpus_per_worker(cfg)
+            started = time.perf_counter()
+            train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+            datasets = {"train": train_ds, "val": val_ds}
+            trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
+            try:
+                with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
+                    result = trainer.fit()
+            except ray.train.TrainingFailedError as e:
+                reason = raised_in_worker(e) or str(e).splitlines()[0].rstrip(":")  # a worker's own sentence
+                raise MnistRayError(f"training failed after {cfg.max_failures} retries: {reason}; "
+                                    f"rerun with --resume to continue from the last epoch (run {name})") from e
         train_seconds = time.perf_counter() - started
         summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
                                              datasets=datasets, run_name=name, train_seconds=train_seconds,

@@ -78,6 +78,8 @@ class TuneConfig:
     reduction_factor: float = field(default=2.0, metadata={
         "help": "ASHA keeps the best 1/FACTOR of the trials at each rung"})
     workers: int = field(default=1, metadata={"help": "Ray Train workers per trial"})
+    use_gpu: bool = field(default=False, metadata={
+        "help": "one GPU per Ray Train worker of every trial (a trial takes --workers GPUs)"})
     cpus_per_worker: float | None = field(default=None, metadata={
         "help": "CPUs reserved per worker (default: up to 1, leaving room for data tasks and the trial)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler, weights, shuffling and augmentation"})
@@ -128,6 +130,7 @@ class TuneConfig:
         """The training job a trial runs (``overrides``: the trial's hyperparameters)."""
         return train.TrainConfig(data=self.data, output=posixpath.join(self.output, "best"), epochs=self.epochs,
                                  seed=self.seed, workers=self.workers, cpus_per_worker=self.cpus_per_worker,
+                                 use_gpu=self.use_gpu,
                                  max_failures=self.max_failures, tflite=self.tflite, address=self.address,
                                  **overrides)
 
@@ -334,57 +337,60 @@ def run(cfg: TuneConfig) -> dict:
     name = cfg.experiment_name(manifest["fingerprint"], space)
     cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
     loc, restore = _experiment(cfg, name)
-    # Up to 1 CPU per worker, leaving the trial's share and Ray Data's reserve free.
-    cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
+    with train.gpus_for(base):  # scale from zero: the autoscaler is asked for the trials' GPUs
+        # Up to 1 CPU per worker (GPU workers: their node's CPUs per GPU), leaving the trial's share
+        # and Ray Data's reserve free.
+        cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
 
-    import ray.tune
-    from optuna.samplers import TPESampler
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
+        import ray.tune
+        from optuna.samplers import TPESampler
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.optuna import OptunaSearch
 
-    # Tune saves the experiment state at most every 10 s by default: a search killed in that
-    # window would forget a finished trial and run it again.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    started = time.perf_counter()
-    train_ds, val_ds = train.load_datasets(base, train_splits, holdout)
-    datasets = {"train": train_ds, "val": val_ds}
-    trials_uri = loc.scheme + loc.join(f"{name}-trials")
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(tune_trial, tune_cfg=cfg, datasets=datasets, train_rows=train_rows,
-                                 cpus=cpus, trials_uri=trials_uri),
-        {"CPU": TRIAL_CPU})
-    if restore:
-        log.info("tune: resuming the search %s", loc.uri_of(name))
-        tuner = ray.tune.Tuner.restore(loc.join(name), trainable, resume_unfinished=True,
-                                       storage_filesystem=loc.fs)
-    else:
-        # TPE starts modelling after a third of the trials (Optuna's default is 10: random search
-        # for every small search); seeded, so a search is repeatable.
-        sampler = TPESampler(seed=cfg.seed, n_startup_trials=max(1, cfg.trials // 3))
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=to_param_space(space),
-            tune_config=ray.tune.TuneConfig(
-                metric=METRIC, mode=MODE, num_samples=cfg.trials, time_budget_s=cfg.time_budget,
-                # One trial at a time: trials share the machine's CPUs with their own data tasks,
-                # and Optuna proposes each trial knowing every earlier result.
-                max_concurrent_trials=1,
-                search_alg=OptunaSearch(sampler=sampler),
-                # max_t one past the last epoch: ASHA stops any trial that reaches max_t, which
-                # would end a trial's actor at its final report, before its Ray Train run returns
-                # and releases its workers (see ReleaseTrainWorkers); so trials that run to the
-                # end return normally.
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs + 1, grace_period=cfg.grace_period,
-                                        reduction_factor=cfg.reduction_factor),
-                trial_dirname_creator=trial_dirname),
-            run_config=ray.tune.RunConfig(
-                name=name, storage_path=loc.path, storage_filesystem=loc.fs, verbose=1,
-                # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
-                # and its Ray Train run continues from the last epoch checkpoint.
-                failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
-                callbacks=[compat.release_stopped_trial_workers({"CPU": cpus}, cfg.workers)]),
-        )
-    results = tuner.fit()
+        # Tune saves the experiment state at most every 10 s by default: a search killed in that
+        # window would forget a finished trial and run it again.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        started = time.perf_counter()
+        train_ds, val_ds = train.load_datasets(base, train_splits, holdout)
+        datasets = {"train": train_ds, "val": val_ds}
+        trials_uri = loc.scheme + loc.join(f"{name}-trials")
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(tune_trial, tune_cfg=cfg, datasets=datasets, train_rows=train_rows,
+                                     cpus=cpus, trials_uri=trials_uri),
+            {"CPU": TRIAL_CPU})
+        if restore:
+            log.info("tune: resuming the search %s", loc.uri_of(name))
+            tuner = ray.tune.Tuner.restore(loc.join(name), trainable, resume_unfinished=True,
+                                           storage_filesystem=loc.fs)
+        else:
+            # TPE starts modelling after a third of the trials (Optuna's default is 10: random search
+            # for every small search); seeded, so a search is repeatable.
+            sampler = TPESampler(seed=cfg.seed, n_startup_trials=max(1, cfg.trials // 3))
+            tuner = ray.tune.Tuner(
+                trainable,
+                param_space=to_param_space(space),
+                tune_config=ray.tune.TuneConfig(
+                    metric=METRIC, mode=MODE, num_samples=cfg.trials, time_budget_s=cfg.time_budget,
+                    # One trial at a time: trials share the machine's CPUs with their own data tasks,
+                    # and Optuna proposes each trial knowing every earlier result.
+                    max_concurrent_trials=1,
+                    search_alg=OptunaSearch(sampler=sampler),
+                    # max_t one past the last epoch: ASHA stops any trial that reaches max_t, which
+                    # would end a trial's actor at its final report, before its Ray Train run returns
+                    # and releases its workers (see ReleaseTrainWorkers); so trials that run to the
+                    # end return normally.
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs + 1, grace_period=cfg.grace_period,
+                                            reduction_factor=cfg.reduction_factor),
+                    trial_dirname_creator=trial_dirname),
+                run_config=ray.tune.RunConfig(
+                    name=name, storage_path=loc.path, storage_filesystem=loc.fs, verbose=1,
+                    # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
+                    # and its Ray Train run continues from the last epoch checkpoint.
+                    failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
+                    callbacks=[compat.release_stopped_trial_workers(
+                        {"CPU": cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}, cfg.workers)]),
+            )
+        results = tuner.fit()
     search_seconds = time.perf_counter() - started
     rows, histories = trial_rows(results, cfg)
     if not rows or rows[0]["best_val_accuracy"] is None:

@@ -24,8 +24,9 @@ def model_dir(tmp_path) -> str:
     return str(tmp_path)
 
 
-def _pool(cfg: InferConfig, resources: dict, model_dir: str, resuming: bool = False) -> tuple:
-    p = planning.make(cfg, resources, model_dir, resumed_rows=lambda runtime: 7 if resuming else 0)
+def _pool(cfg: InferConfig, resources: dict, model_dir: str, resuming: bool = False, autoscaler_gpus: float = 0.0) -> tuple:
+    p = planning.make(cfg, resources, model_dir, resumed_rows=lambda runtime: 7 if resuming else 0,
+                      autoscaler_gpus=autoscaler_gpus)
     return p.actors_min, p.actors_max, p.gpus_per_actor, p.cpus_per_actor
 
 
@@ -50,8 +51,31 @@ def test_pool_resources_never_take_every_cpu_and_fall_back_to_cpu(model_dir):
     with pytest.raises(MnistRayError, match="no GPU"):
         _pool(InferConfig(gpus_per_actor=1, require_gpu=True), CPU2, model_dir)
     # A cluster scaled to zero (autoscaling from a CPU-0 head): the flags stand, GPUs may come.
-    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), {"memory": 1e9}, model_dir) == (1, 8, 1, 0.5)
-    assert _pool(InferConfig(actors="2", gpus_per_actor=0.5), {"CPU": 2.0, "GPU": 1.0}, model_dir) == (2, 2, 0.5, 0.5)
+    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), {"memory": 1e9}, model_dir) == (1, 8, 1, 1.0)
+    # GPU actors keep --cpus-per-actor where it fits, else share what Ray Data's tasks leave.
+    assert _pool(InferConfig(actors="2", gpus_per_actor=0.5), {"CPU": 2.0, "GPU": 1.0}, model_dir) == (2, 2, 0.5, 0.75)
+    assert _pool(InferConfig(actors="2", gpus_per_actor=0.5, cpus_per_actor=2), {"CPU": 8.0, "GPU": 1.0},
+                 model_dir) == (2, 2, 0.5, 2.0)
+
+
+def test_gpu_pools_are_capped_by_the_gpus_the_cluster_can_have_and_tflite_asks_for_none(model_dir):
+    gpus = {"CPU": 16.0, "GPU": 2.0}
+    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), gpus, model_dir) == (1, 2, 1, 1.0)
+    assert _pool(InferConfig(actors="4", gpus_per_actor=1), gpus, model_dir)[:2] == (2, 2)  # min follows max
+    # What the autoscaler can add counts: GPU nodes on their way, or none up yet.
+    assert _pool(InferConfig(actors="1..8", gpus_per_actor=1), gpus, model_dir, autoscaler_gpus=4)[:2] == (1, 6)
+    assert _pool(InferConfig(actors="1..8", gpus_per_actor=0.5), {"CPU": 16.0}, model_dir,
+                 autoscaler_gpus=1)[:3] == (1, 2, 0.5)
+    with pytest.raises(MnistRayError, match="lower --gpus-per-actor"):
+        _pool(InferConfig(gpus_per_actor=4), gpus, model_dir)
+    # --require-gpu fails fast on a cluster that can never have one.
+    with pytest.raises(MnistRayError, match="no GPU and no autoscaler"):
+        _pool(InferConfig(gpus_per_actor=1, require_gpu=True), {"CPU": 16.0}, model_dir)
+    # TFLite runs on the CPU: its actors ask for no GPU, and --require-gpu has nothing to refuse.
+    lite = planning.make(InferConfig(runtime="tflite-int8", gpus_per_actor=0.5, require_gpu=True), gpus, model_dir)
+    assert not lite.on_gpu and lite.cpus_per_actor == 1.0 and lite.prepare_cpus == 1.0
+    # auto on GPU actors is tf.
+    assert planning.make(InferConfig(gpus_per_actor=0.5), gpus, model_dir).runtime == "tf"
 
 
 def test_the_plan_records_batch_size_tasks_and_read_ahead():
@@ -62,7 +86,7 @@ def test_the_plan_records_batch_size_tasks_and_read_ahead():
     # prepare_rows asks for the actor's CPUs (fused into it); beside a GPU actor, a task's share.
     assert p.prepare_cpus == p.cpus_per_actor == 1.0 and p.read_cpus == p.write_cpus == compat.IO_TASK_CPUS
     gpu = planning.make(InferConfig(runtime="tf", gpus_per_actor=1), {"CPU": 8.0, "GPU": 1.0}, "unused")
-    assert gpu.on_gpu and gpu.prepare_cpus == compat.IO_TASK_CPUS and gpu.cpus_per_actor == 0.5
+    assert gpu.on_gpu and gpu.prepare_cpus == compat.IO_TASK_CPUS and gpu.cpus_per_actor == 1.0
     # Read-ahead: flat in the input's size, a few blocks per actor.
     assert p.read_ahead_bytes == planning.READ_AHEAD_BYTES_MIN
     big = planning.make(InferConfig(runtime="tf", actors="1..6"), {"CPU": 8.0}, "unused")

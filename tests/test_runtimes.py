@@ -75,8 +75,13 @@ def test_pixels_in_gives_the_same_probabilities_as_floats_in(trained_model, mnis
     pixels = mnist_test_arrays[0][:300]
     for name in ("tf", "tflite-fp32", "tflite-int8"):
         runtime = runtimes.load(model_dir, name)
+        assert hasattr(runtime, "predict_pixels")  # tf too: the cast runs inside its compiled call
         np.testing.assert_array_equal(runtimes.predict_pixels(runtime, pixels),
                                       runtime(preprocess.normalize(pixels)))
+
+
+def test_tflite_runs_as_many_threads_as_the_cpus_reserved():
+    assert [runtimes.tflite_threads(c) for c in (0.25, 1.0, 2.0, 3.7)] == [1, 1, 2, 3]
 
 
 # --- --runtime auto ---------------------------------------------------------------------------

@@ -72,6 +72,52 @@ def test_weight_ema_averages_every_weight_and_survives_a_checkpoint():
     assert len(ema.shadow) == len(start) > len(model.trainable_weights)
 
 
+def test_weight_ema_on_the_device_equals_the_host_average_step_for_step(monkeypatch):
+    """Real optimizer steps under MultiWorkerMirroredStrategy's variables (BatchNorm statistics
+    are SyncOnRead there): the device average equals the host one (float64 numpy, every weight
+    copied out each step), and an update makes no host copy."""
+    import tensorflow as tf
+
+    from mnist_ray import models
+
+    k = models.keras()
+    with tf.distribute.MultiWorkerMirroredStrategy().scope():  # one local worker
+        model = models.create_model("default", seed=0, width=0.25)
+        model.compile(optimizer=k.optimizers.Adam(1e-2), loss="categorical_crossentropy")
+    ema = WeightEMA(model, decay=0.998)
+    host, steps = [np.array(w, np.float64) for w in model.get_weights()], [0]
+
+    def host_update(batch, logs):
+        steps[0] += 1
+        d = min(0.998, (1.0 + steps[0]) / (10.0 + steps[0]))
+        for s, w in zip(host, model.get_weights()):
+            s *= d
+            s += (1.0 - d) * w
+
+    rng = np.random.default_rng(0)
+    x = rng.random((192, 28, 28, 1), np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 192)]
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+              callbacks=[ema.callback(), k.callbacks.LambdaCallback(on_train_batch_end=host_update)])
+    assert ema.steps == steps[0] == 12
+    moved = max(float(np.abs(h - w).max()) for h, w in zip(host, model.get_weights()))
+    assert moved > 1e-2  # the average lags the weights: the comparison below is not trivial
+    for got, want in zip(ema.shadow, host):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    ema.apply()
+    for w, want in zip(model.weights, host):
+        np.testing.assert_allclose(w.numpy(), want, rtol=1e-5, atol=1e-5)
+
+    def host_copy(*_):
+        raise AssertionError("a host copy of the weights")
+
+    monkeypatch.setattr(model, "get_weights", host_copy)
+    monkeypatch.setattr(model, "set_weights", host_copy)
+    ema.update()
+    ema.apply()
+    assert ema.steps == 13
+
+
 def test_config_takes_the_models_defaults_and_names_runs_deterministically():
     cfg = TrainConfig(model="cnn").resolved()
     assert cfg.epochs == 5 and cfg.batch_size == 32 and cfg.augment is False
