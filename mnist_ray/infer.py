@@ -231,7 +231,7 @@ def build_dataset(source: sources.Source, plan: planning.Plan, model_uri: str, m
         num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs={"model_uri": model_uri, "runtime": plan.runtime, "progress": progress,
                                "model_version": model_version, "gpus": plan.gpus_per_actor,
-                               "cpus": plan.cpus_per_actor,
+                               "cpus": plan.cpus_per_actor, "threads": plan.model_threads,
                                "class_names": class_names})
 
 

@@ -10,6 +10,7 @@ Everything here runs inside Ray workers and takes what it needs as arguments; ``
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Callable
@@ -107,7 +108,7 @@ class PredictorActor(Predictor):
     REPORT_EVERY_S = 1.0
 
     def __init__(self, model_uri: str, runtime: str, model_version: str, gpus: float = 0.0, cpus: float = 1.0,
-                 progress=None, class_names: list[str] | None = None):
+                 progress=None, class_names: list[str] | None = None, threads: int | None = None):
         import ray
 
         started = time.perf_counter()
@@ -120,7 +121,9 @@ class PredictorActor(Predictor):
 
         def load():
             local, _ = export.open_model_dir(model_uri)
-            return runtimes.load(local, runtime, num_threads=runtimes.tflite_threads(cpus))
+            # The plan's share of the cluster, never more threads than this node has cores.
+            count = min(threads, os.cpu_count() or 1) if threads else runtimes.tflite_threads(cpus)
+            return runtimes.load(local, runtime, num_threads=count)
 
         super().__init__(load, model_version, class_names)
         if progress is not None:

@@ -113,3 +113,13 @@ def test_runtime_auto_is_the_default_and_follows_where_the_actors_run(model_dir)
     given = planning.make(InferConfig(runtime="tflite-fp32"), CPU2, model_dir)
     assert given.runtime == "tflite-fp32" and given.runtime_reason == "--runtime tflite-fp32"
     assert "tflite-int8" in cpu.describe() and cpu.as_dict()["runtime_reason"] == cpu.runtime_reason
+
+
+def test_tflite_threads_are_the_actors_share_of_the_cluster_and_at_least_its_cpus(model_dir):
+    """One actor alone on 2 CPUs runs 2 interpreter threads (1 thread halved int8 scoring);
+    a pool shares the cores; reserving more CPUs than the share keeps them all."""
+    threads = lambda actors, cpus, resources: planning.make(  # noqa: E731
+        InferConfig(actors=actors, cpus_per_actor=cpus, runtime="tflite-int8"), resources, model_dir).model_threads
+    assert threads("1", 1.0, CPU2) == 2 and threads("2", 0.5, CPU2) == 1
+    assert threads("1..4", 1.0, {"CPU": 8.0}) == 2 and threads("2", 3.0, {"CPU": 8.0}) == 4
+    assert threads("1", 1.0, {"CPU": 0}) == 1  # scaled to zero: the flags, nothing more
