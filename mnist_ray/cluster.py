@@ -223,8 +223,9 @@ class LocalRay:
 
     @classmethod
     def start(cls, num_cpus: int | None = None, timeout: float = 180.0, *,
-              dashboard_port: int | None = None) -> "LocalRay":
-        """``dashboard_port``: with the dashboard (its job server takes ``ray job submit``) there."""
+              dashboard_port: int | None = None, num_gpus: float | None = None) -> "LocalRay":
+        """``dashboard_port``: with the dashboard (its job server takes ``ray job submit``) there;
+        ``num_gpus``: GPUs the node declares (tests of GPU scheduling on a machine without one)."""
         import atexit
         import subprocess
         import tempfile
@@ -248,6 +249,8 @@ class LocalRay:
                    "--min-worker-port", "0", "--max-worker-port", "0"]
         if num_cpus is not None:
             command += ["--num-cpus", str(num_cpus)]
+        if num_gpus is not None:
+            command += ["--num-gpus", str(num_gpus)]
         env = {**os.environ, SINGLE_MACHINE: os.environ.get(SINGLE_MACHINE, "0"),
                # Ray's processes that look their cluster up (Ray Train's placement group
                # cleaner, the state API) find this one, not "multiple active Ray instances".

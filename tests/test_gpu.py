@@ -39,11 +39,15 @@ def ray_with_gpus(s3_server):
     if shared:
         cluster.shutdown()
     cluster.use_token_auth()
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=cluster.runtime_env(), log_to_driver=False)
+    # A `ray start` node on free ports: ray.init's own start puts the dashboard agent on the
+    # fixed port 52365, which another Ray on this machine may hold (cluster.LocalRay).
+    node = cluster.LocalRay.start(2, num_gpus=2)
+    ray.init(address=node.address, _node_ip_address=cluster.LOCALHOST, runtime_env=cluster.runtime_env(),
+             log_to_driver=False)
     yield
     gpu.release_gpus()
     ray.shutdown()
+    node.stop(wait=30)
     patch.undo()
     if shared:
         cluster.connect(None, num_cpus=2)
