@@ -38,12 +38,17 @@ def ray_with_gpus(s3_server):
     shared = ray.is_initialized()
     if shared:
         cluster.shutdown()
-    cluster.use_token_auth()
-    # A `ray start` node on free ports: ray.init's own start puts the dashboard agent on the
-    # fixed port 52365, which another Ray on this machine may hold (cluster.LocalRay).
-    node = cluster.LocalRay.start(2, num_gpus=2)
-    ray.init(address=node.address, _node_ip_address=cluster.LOCALHOST, runtime_env=cluster.runtime_env(),
-             log_to_driver=False)
+    try:
+        cluster.use_token_auth()
+        # A `ray start` node on free ports: ray.init's own start puts the dashboard agent on the
+        # fixed port 52365, which another Ray on this machine may hold (cluster.LocalRay).
+        node = cluster.LocalRay.start(2, num_gpus=2)
+        ray.init(address=node.address, _node_ip_address=cluster.LOCALHOST, runtime_env=cluster.runtime_env(),
+                 log_to_driver=False)
+    except BaseException:
+        if shared:  # the modules after this one still get the session's Ray
+            cluster.connect(None, num_cpus=2)
+        raise
     yield
     gpu.release_gpus()
     ray.shutdown()
