@@ -38,6 +38,7 @@ def ray_with_gpus(s3_server):
     shared = ray.is_initialized()
     if shared:
         cluster.shutdown()
+        ray.shutdown()  # also a Ray that a library call started by itself (cluster.shutdown leaves those)
     try:
         cluster.use_token_auth()
         # A `ray start` node on free ports: ray.init's own start puts the dashboard agent on the
