@@ -171,12 +171,12 @@ def xor_digest(digests: Iterable[np.ndarray]) -> np.ndarray:
 ID_HASH_KEY = "mnist-ray-ckpt-3"  # SipHash key (16 bytes) of the resume filter: not IdDigest's keys
 
 
-def id_hashes(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def id_hashes(ids: pa.Array | pa.ChunkedArray | np.ndarray, key: str = ID_HASH_KEY) -> np.ndarray:
     """A 64-bit keyed hash (SipHash, via pandas) per id: uint64, the same in every process."""
     from pandas.util import hash_array
 
-    values = ids.to_numpy(zero_copy_only=False)
-    return hash_array(values, hash_key=ID_HASH_KEY, categorize=False) if len(values) else np.zeros(0, np.uint64)
+    values = ids if isinstance(ids, np.ndarray) else ids.to_numpy(zero_copy_only=False)
+    return hash_array(values, hash_key=key, categorize=False) if len(values) else np.zeros(0, np.uint64)
 
 
 class IdDigest:
@@ -197,12 +197,10 @@ class IdDigest:
         self.sums = [0] * len(self.KEYS)
 
     def add(self, ids: pa.Array | pa.ChunkedArray) -> None:
-        from pandas.util import hash_array
-
-        values = ids.to_numpy(zero_copy_only=False)
+        values = ids.to_numpy(zero_copy_only=False)  # once, for both keys
         self.rows += len(values)
         for i, key in enumerate(self.KEYS):
-            total = int(hash_array(values, hash_key=key, categorize=False).sum(dtype=np.uint64))
+            total = int(id_hashes(values, key).sum(dtype=np.uint64))
             self.sums[i] = (self.sums[i] + total) % 2**64
 
     def __eq__(self, other) -> bool:
