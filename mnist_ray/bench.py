@@ -19,6 +19,8 @@ Online serving (``--parts serve``): a bounded load test (`mnist_ray.loadtest`) o
 with and without dynamic batching against a naive one-image-per-``model.predict`` server.
 The fixed cost on a running cluster (``--parts submit``, `mnist_ray.fixedcost`): `ray job submit`
 of infer on the seed digits to a head started for it, cold and then warm, part by part.
+A resumed run (``--parts resume``, `mnist_ray.resumecost`): infer killed halfway through N
+images, then the same command again, with the rerun's memory peaks.
 
 Everything goes to OUTPUT/bench.json and a table on stdout (and OUTPUT/bench.md). Data, models
 and predictions are kept under OUTPUT/work so a rerun reuses the data and models.
@@ -52,10 +54,10 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-PARTS = ("micro", "infer", "train", "serve", "submit")
+PARTS = ("micro", "infer", "train", "serve", "submit", "resume")
 # --quick: every part, on a few thousand images, so the benchmark cannot rot (CI runs it).
 QUICK = {"sizes": "4000", "runtime_size": 4000, "runtimes": "tf,tflite-int8", "micro_images": 1000,
-         "train_epochs": 2, "model_epochs": 2, "serve_requests": 150}
+         "train_epochs": 2, "model_epochs": 2, "serve_requests": 150, "resume_size": 50_000}
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class BenchConfig:
     serve_concurrency: str = field(default="1,8,32", metadata={"help": "concurrency levels of the serving part"})
     serve_replicas: str = field(default="1", metadata={"help": "Serve replicas of the serving part (N or MIN..MAX)"})
     submit_model: str = field(default="cnn", metadata={"help": "model of the submitted-job part"})
+    resume_size: int = field(default=1_000_000, metadata={
+        "help": "N of the resumed-run part: infer killed halfway, then the same command again"})
+    resume_runtime: str = field(default="tflite-int8", metadata={"help": "runtime of the resumed-run part"})
     parts: str = field(default=",".join(PARTS), metadata={"help": "which parts to run: " + ",".join(PARTS)})
     gpu: bool = field(default=False, metadata={
         "help": "GPU mode: also the forward-pass ceiling on the GPU and the whole infer command with 1, 2 and 4 "
@@ -121,13 +126,15 @@ class BenchConfig:
 
         for m in self.model_list() + [self.train_model, self.serve_model, self.submit_model]:
             models.get_spec(m)
-        unknown = set(self.runtimes.split(",") + self.scaling_runtimes.split(",")) - set(runtimes.RUNTIME_FILES)
+        asked = self.runtimes.split(",") + self.scaling_runtimes.split(",") + [self.resume_runtime]
+        unknown = set(asked) - set(runtimes.RUNTIME_FILES)
         if unknown:
             raise MnistRayError(f"unknown runtime {sorted(unknown)}: choose from "
                                 f"{', '.join(runtimes.RUNTIME_FILES)}")
         if not set(self.part_list()) <= set(PARTS) or not self.part_list():
             raise MnistRayError(f"--parts {self.parts!r}: choose from {', '.join(PARTS)}")
-        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests]
+        if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests,
+                                   self.resume_size]
                + self.concurrency_list()) < 1 \
                 or self.train_epochs < 2:
             raise MnistRayError("sizes, --micro-images, --batch-size, --serve-requests and --serve-concurrency "
@@ -515,6 +522,10 @@ def format_report(report: dict) -> str:
         from mnist_ray import fixedcost
 
         lines += fixedcost.format_table(report["submit"])
+    if report.get("resume"):
+        from mnist_ray import resumecost
+
+        lines += resumecost.format_table(report["resume"])
     if report.get("training"):
         t = report["training"]
         lines += [f"## training throughput ({t['model']}, batch {t['batch_size']}, epochs after the first)", "",
@@ -592,6 +603,15 @@ def run(cfg: BenchConfig) -> dict:
         from mnist_ray import fixedcost
 
         report["submit"] = fixedcost.measure(_model_dir(cfg, cfg.submit_model, train_data, work), seed_uri, work)
+    if "resume" in parts:
+        from mnist_ray import resumecost
+
+        n = cfg.resume_size
+        data = os.path.join(work, "data", f"n{n}")
+        if not _complete(data, source=f"replicated:{n}", rows=n, schema_version=shards.SCHEMA_VERSION):
+            replicate_shards(seed, data, n)
+        report["resume"] = resumecost.measure(_model_dir(cfg, cfg.submit_model, train_data, work), data, n,
+                                              cfg.resume_runtime, work)
     report["gpus"] = gpus
     report["seconds"] = round(time.perf_counter() - started, 1)
     _check_sane(report)
@@ -635,6 +655,10 @@ def _check_sane(report: dict) -> None:
         if isinstance(row, dict) and not (row["first_prediction_after_submit_s"] > 0
                                           and all(v >= 0 for v in row["parts"].values())):
             bad.append(f"submit {which}: {row}")
+    resumed = report.get("resume")
+    if resumed and not (0 < resumed["resumed_rows"] <= resumed["n"]
+                        and resumed["resumed_rows"] + resumed["scored_rows"] == resumed["n"]):
+        bad.append(f"resume: {resumed['resumed_rows']} resumed + {resumed['scored_rows']} scored rows of {resumed['n']}")
     for r in (report.get("training") or {}).get("runs", []):
         if not r["images_per_s"] > 0:
             bad.append(f"training {r['how']} images_per_s={r['images_per_s']}")

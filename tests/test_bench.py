@@ -65,6 +65,9 @@ def test_quick_bench_completes_with_sane_figures(tmp_path):
         assert row["rows"] == 10_000 and row["first_prediction_after_submit_s"] > 0
         assert len(row["parts"]) == 10 and all(v >= 0 for v in row["parts"].values())
         assert row["done_after_submit_s"] > row["first_prediction_after_submit_s"]
+    resumed = report["resume"]  # killed with SIGKILL partway, then the same command: every row once
+    assert resumed["n"] == 50_000 and 0 < resumed["killed_at_rows"] <= resumed["resumed_rows"] < 50_000
+    assert resumed["resumed_rows"] + resumed["scored_rows"] == 50_000 and resumed["worker_uss_peak_mb"] > 0
     text = (out / "bench.md").read_text()
     assert "(c) the whole `mnist-ray infer` command" in text and "training throughput" in text
-    assert "fixed cost of a submitted job" in text
+    assert "fixed cost of a submitted job" in text and "a resumed run" in text

@@ -281,3 +281,25 @@ def test_keras_3_still_fails_under_two_worker_mirrored_strategy():
             p.kill()
     assert all("FIT FAILED Attempt to convert a value (PerReplica" in o for o in outs), \
         f"Keras 3 now trains under MultiWorkerMirroredStrategy ({outs}): compat.keras2_env may go"
+
+
+def test_rays_haproxy_config_binds_stats_and_metrics_to_every_interface_and_the_wrapper_rebinds_them(tmp_path):
+    from ray.serve._private import constants, haproxy_templates
+
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    # What compat.haproxy_loopback_env exists for: when these change, it can go.
+    assert "bind *:{{ config.stats_port }}" in template and "bind :{{ config.metrics_port }}" in template
+    assert (constants.RAY_SERVE_HAPROXY_STATS_PORT, constants.RAY_SERVE_HAPROXY_METRICS_PORT) == (8404, 9101)
+    env = compat.haproxy_loopback_env("127.0.0.1", str(tmp_path), (50001, 50002))
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] == "50001" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] == "50002"
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    timeout client 1s\n    timeout server 1s\n    timeout connect 1s\n"
+                      "frontend prometheus\n    bind :50002\n    mode http\n"
+                      "frontend http_frontend\n    bind 127.0.0.1:8000\n    mode http\n"
+                      "listen stats\n  bind *:50001\n  stats enable\n")
+    # The real HAProxy binary checks the rewritten config (-c: parse only, nothing listens).
+    proc = subprocess.run([env["RAY_SERVE_HAPROXY_BINARY_PATH"], "-c", "-f", str(config)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
+    assert binds == ["127.0.0.1:50002", "127.0.0.1:8000", "127.0.0.1:50001"]

@@ -63,7 +63,8 @@ def test_the_serving_comparison_completes_with_sane_figures(trained_model, image
     model_dir, _ = trained_model
     out = loadtest.compare(model_dir, str(image_dir), requests=30, concurrencies=[1, 4])
     servers = [r["server"].split(" (")[0] for r in out["rows"]]
-    assert servers == ["naive"] * 2 + ["Serve, no batching"] * 2 + ["Serve, batching"] * 2
+    assert servers == (["naive"] * 2 + ["Serve, no batching"] * 2 + ["Serve, batching"] * 2
+                       + ["Serve, batching, Python proxy"] * 2)
     for row in out["rows"]:
         assert row["ok"] == 30 and row["failed"] == 0, row
         assert row["requests_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
@@ -71,6 +72,7 @@ def test_the_serving_comparison_completes_with_sane_figures(trained_model, image
     # 2 x 30 timed plus the untimed warm-up (2 x concurrency per level).
     for name, summary in out["server_summaries"].items():
         assert summary["ok"] == 2 * 30 + 2 * (1 + 4) and summary["failed"] == 0, (name, summary)
+        assert summary["ingress"] == ("proxy" if "Python proxy" in name else "haproxy")
     assert out["batching_over_naive_at_4"] > 0 and set(out["targets"]) == {"batching >= 5x naive",
                                                                             "batching p99 < 100 ms"}
-    assert "| Serve, batching (max_batch_size 32) | 4 |" in "\n".join(loadtest.format_table(out))
+    assert "| Serve, batching (max_batch_size 32, --ingress haproxy) | 4 |" in "\n".join(loadtest.format_table(out))

@@ -246,6 +246,25 @@ def test_served_probabilities_equal_predicts(server, files, trained_model, capsy
     assert sum(int(expected[i].argmax()) == labels[i] for i in range(len(labels))) >= 4  # a trained model
 
 
+def test_http_is_haproxy_straight_to_the_replicas_and_listens_on_loopback_only(server):
+    import psutil
+
+    url, _ = server
+    port = int(url.rsplit(":", 1)[1])
+    listeners = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid]
+    front = {c.pid for c in listeners if c.laddr.port == port}
+    assert {psutil.Process(pid).name() for pid in front} == {"haproxy"}
+    # Its HTTP frontend, stats page and Prometheus exporter: all on 127.0.0.1, none on Ray's
+    # fixed ports (a second Serve on this machine can start its own).
+    bound = {(c.laddr.ip, c.laddr.port) for c in listeners if c.pid in front}
+    assert len(bound) == 3 and {ip for ip, _ in bound} == {"127.0.0.1"}, bound
+    assert not {8404, 9101} & {p for _, p in bound}
+    # Replicas take HTTP themselves (direct ingress), on loopback too.
+    replicas = {c.laddr.ip for c in listeners if 30000 <= c.laddr.port <= 31000
+                and "ServeReplica" in " ".join(psutil.Process(c.pid).cmdline())}
+    assert replicas == {"127.0.0.1"}
+
+
 def test_batch_endpoint_equals_single(server, files):
     url, _ = server
     paths, _ = files
