@@ -127,7 +127,7 @@ def tutorial_cnn(width: float = 1.0):
           "scans, thick, blurred, photographed; printed digits), label smoothing, AdamW, warmup + cosine, weight EMA",
           epochs=40, batch_size=64, learning_rate=3e-3, augment=True,
           weight_decay=5e-4, warmup_epochs=2, label_smoothing=0.1, ema_momentum=0.998,
-          degrade_rate=0.5, printed_per_class=60)
+          degrade_rate=0.5, printed_per_class=200)
 def default(width: float = 1.0, dropout: float = 0.3):
     k = keras()
     L = k.layers
