@@ -135,8 +135,8 @@ def test_data_checks_catch_unlabelled_and_missing_splits():
         check_data(TrainConfig(), {"splits": {"test": {"rows": 10, "labels": {"1": 10}}}})
     splits, holdout, rows = check_data(TrainConfig(model="cnn"), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})
     assert splits == ["train"] and holdout and rows == 90
-    # The default model's recipe adds 60 printed digits of every class to the training rows.
-    assert check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})[2] == 90 + 600
+    # The default model's recipe adds 200 printed digits of every class to the training rows.
+    assert check_data(TrainConfig(), {"splits": {"train": {"rows": 100, "labels": {"1": 100}}}})[2] == 90 + 2000
 
 
 # --- real Ray Train ------------------------------------------------------------------------
