@@ -20,8 +20,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.parquet as pq
-
 from mnist_ray import predictions
 from mnist_ray.errors import MnistRayError
 
@@ -31,16 +29,15 @@ POLL_S = 0.1
 
 
 def checkpointed_rows(out: str) -> int:
-    """Rows an attempt writing to ``out`` has committed to Ray's checkpoint (local output)."""
-    rows = 0
-    for path in glob.glob(os.path.join(out, "run-*", "checkpoint", "*.parquet")):
-        if path.endswith(".pending.parquet"):
-            continue
-        try:
-            rows += pq.ParquetFile(path).metadata.num_rows
-        except (OSError, ValueError):  # renamed or being written right now
-            pass
-    return rows
+    """Rows an attempt writing to ``out`` has committed to Ray's checkpoint (infer's own count,
+    over its ``run-*`` work dirs)."""
+    from mnist_ray import infer, storage
+
+    loc = storage.resolve(out)
+    try:
+        return sum(infer.checkpointed_rows(loc, os.path.basename(d)) for d in glob.glob(os.path.join(out, "run-*")))
+    except (OSError, ValueError):  # a checkpoint file committed (renamed) while it was read
+        return 0
 
 
 def interrupted_run(argv: list[str], out: str, at_rows: int, timeout: float, log_path: str) -> tuple[int, float]:
@@ -106,8 +103,9 @@ def measure(model_dir: str, data: str, n: int, runtime: str, work: str, at: floa
                                                timeout=max(600.0, n / 1000), log_path=os.path.join(work, "killed.log"))
     summary, wall, memory = bench._command("infer", *argv, sample_memory=True)
     ids = predictions.read_predictions(out, columns=["id"])["id"]
-    if summary["rows"] != n or len(ids) != n or len(ids.unique()) != n:
-        raise MnistRayError(f"bench: the resumed run published {summary['rows']} rows ({len(ids.unique())} "
+    distinct = len(ids.unique())
+    if summary["rows"] != n or len(ids) != n or distinct != n:
+        raise MnistRayError(f"bench: the resumed run published {summary['rows']} rows ({distinct} "
                             f"distinct ids) for {n} input rows")
     log.info("bench: resumed %s of %s rows; rerun %.1f s, driver USS %s MB, largest worker USS %s MB",
              f"{summary['resumed_rows']:,}", f"{n:,}", wall, memory["driver_uss_peak_mb"], memory["worker_uss_peak_mb"])
