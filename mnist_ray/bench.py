@@ -536,7 +536,7 @@ def format_report(report: dict) -> str:
 
 
 # Columns of the CPU table: a prefix of Ray Data's operator names, or infer's own figures.
-_OPS = ("ReadParquet", "MapBatches(prepare_rows)", "model calls", "Write", "driver")
+_OPS = ("Read", "MapBatches(prepare_rows)", "model calls", "Write", "driver")
 
 
 def _op_cpu(figures: dict, prefix: str) -> str:

@@ -8,7 +8,6 @@ to delete. Nothing here runs at import: Ray and TensorFlow are imported inside t
 
 from __future__ import annotations
 
-import contextlib
 
 CHECKED_ON = {"ray": "2.60.0", "tensorflow": "2.21.0", "tf_keras": "2.21.0", "keras": "3.15.1"}
 
@@ -48,41 +47,6 @@ def data_cpu_reserve(resuming: bool = False) -> float:
     fit beside it. Checked on Ray 2.60.0.
     """
     return 2 * IO_TASK_CPUS + (checkpoint_filter_cpus() if resuming else 0.0)
-
-
-# --- reading Parquet ----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def parquet_datasource_v1():
-    """Plan ``ray.data.read_parquet`` calls inside this block with the V1 datasource.
-
-    The V2 datasource (Ray's default) lists files in a ``ListFiles`` task that reserves a whole
-    CPU whatever ``num_cpus`` the read asks for; beside the predictor and checkpoint filter
-    actors of a resumed run on a 2-CPU node it never gets one, and the job hangs. The plan is
-    fixed when ``read_parquet`` returns. Checked on Ray 2.60.0.
-    """
-    import ray
-
-    context = ray.data.DataContext.get_current()
-    v2, context.use_datasource_v2 = context.use_datasource_v2, False
-    try:
-        yield
-    finally:
-        context.use_datasource_v2 = v2
-
-
-PARQUET_BLOCKS_PER_FILE = 4
-
-
-def parquet_read_blocks(files: int) -> int:
-    """``override_num_blocks`` for reading ``files`` Parquet shards: a few blocks per file.
-
-    Ray splits any read into at least ``DataContext.read_op_min_num_blocks`` (200) blocks: a
-    few large shards became blocks of a few hundred rows, and after a resumed run's checkpoint
-    filter a few dozen, one model call each (459 images/s instead of thousands). Checked on
-    Ray 2.60.0.
-    """
-    return max(1, files * PARQUET_BLOCKS_PER_FILE)
 
 
 # --- writing ------------------------------------------------------------------------------------

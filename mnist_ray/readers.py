@@ -42,8 +42,11 @@ class PieceDatasource(Datasource):
         return [task(p) for p in self.pieces]
 
 
-def read_pieces(pieces: Sequence, read_piece: Callable, name: str, schema: pa.Schema, num_cpus: float | None = None):
-    """A streaming Ray Dataset over ``pieces``, one read task each."""
+def read_pieces(pieces: Sequence, read_piece: Callable, name: str, schema: pa.Schema, num_cpus: float | None = None,
+                override_num_blocks: int | None = None):
+    """A streaming Ray Dataset over ``pieces``, one read task each (``override_num_blocks``:
+    Ray's, which otherwise splits the tasks' output into 200 blocks or more)."""
     import ray
 
-    return ray.data.read_datasource(PieceDatasource(pieces, read_piece, name, schema), num_cpus=num_cpus)
+    return ray.data.read_datasource(PieceDatasource(pieces, read_piece, name, schema), num_cpus=num_cpus,
+                                    override_num_blocks=override_num_blocks)

@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mnist_ray import compat, preprocess, storage
+from mnist_ray import preprocess, storage
 
 SCHEMA_VERSION = 3
 PIXEL_BYTES = preprocess.MODEL_SIZE * preprocess.MODEL_SIZE
@@ -282,25 +283,46 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
                             promote_options="permissive")
 
 
-def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | None = None,
-                 few_blocks: bool = False):
-    """The dataset as a streaming Ray Dataset over exactly the files the manifest lists.
+# Blocks per shard file: a one-file input still feeds several actors, and a resumed run's
+# checkpoint filter leaves blocks of thousands of rows, not dozens (a model call each).
+READ_BLOCKS_PER_FILE = 4
+READ_BATCH_ROWS = 10_000  # rows a read task decodes at a time
 
-    ``few_blocks``: a few blocks per file rather than Ray's own split (``compat.parquet_read_blocks``).
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One shard file as its read task gets it: what the manifest says of it."""
+
+    path: str
+    rows: int
+    bytes: int
+
+
+def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | None = None):
+    """The dataset as a streaming Ray Dataset over exactly the files the manifest lists: one
+    read task per file, READ_BLOCKS_PER_FILE blocks of it, in the row form.
+
+    Not ``ray.data.read_parquet``: the manifest already knows every file's rows and bytes, and
+    Ray's Parquet reader first samples files in a task of its own (on a warm cluster, a worker
+    importing Ray Data before the job starts: seconds of every job's fixed cost); in its V2
+    form it also lists files in a task that takes a whole CPU.
     """
-    import ray
+    import functools
+
+    from mnist_ray import readers
 
     loc, manifest = open_shards(uri)
-    paths = shard_paths(loc, manifest)
-    blocks = {"override_num_blocks": compat.parquet_read_blocks(len(paths))} if few_blocks else {}
-    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=columns, num_cpus=num_cpus, **blocks)
-    if paths and (columns is None or "image" in columns) and _struct_image(paths[0], loc):
-        # Fused into the read task: it only swaps the struct for its bytes child (no copy).
-        ds = ds.map_batches(row_form, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
-    return ds
+    files = [ShardFile(posixpath.join(loc.path, f["path"]), f["rows"], f["bytes"]) for f in manifest["files"]]
+    schema = row_form(SCHEMA.empty_table().select(columns or SCHEMA.names)).schema
+    read = functools.partial(read_file, fs=loc.fs, columns=columns)
+    # Ray splits each task's output into blocks to make this many (SplitBlocks), and without it
+    # into at least DataContext.read_op_min_num_blocks (200).
+    return readers.read_pieces(files, read, "Shards", schema, num_cpus=num_cpus,
+                               override_num_blocks=max(1, len(files) * READ_BLOCKS_PER_FILE))
 
 
-def _struct_image(path: str, loc: storage.Location) -> bool:
-    """Whether the shards store ``image`` as the HF struct (schema 3), from one file's footer."""
-    with loc.fs.open_input_file(path) as f:
-        return pa.types.is_struct(pq.read_schema(f).field("image").type)
+def read_file(file: ShardFile, fs, columns: list[str] | None) -> Iterable[pa.Table]:
+    """One shard file, READ_BATCH_ROWS rows at a time (what a read task runs)."""
+    with fs.open_input_file(file.path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+            yield row_form(pa.Table.from_batches([batch]))

@@ -21,7 +21,7 @@ from typing import ClassVar
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray import compat, datasets, foreign, shards, storage
+from mnist_ray import datasets, foreign, shards, storage
 from mnist_ray.errors import MnistRayError
 
 SAMPLE_ROWS = 8
@@ -113,8 +113,7 @@ class ShardSource(Source):
         return ids
 
     def dataset(self, read_cpus: float):
-        with compat.parquet_datasource_v1():  # V2's file listing task takes a whole CPU
-            return shards.read_dataset(self.uri, columns=self.columns(), num_cpus=read_cpus, few_blocks=True)
+        return shards.read_dataset(self.uri, columns=self.columns(), num_cpus=read_cpus)
 
 
 class ImageFolderSource(Source):

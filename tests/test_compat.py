@@ -47,27 +47,6 @@ def parquet_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_parquet_datasource_v2_lists_files_in_a_task_that_takes_a_whole_cpu(ray_local, parquet_file):
-    """compat.parquet_datasource_v1: V2's ListFiles ignores the read's num_cpus."""
-    import ray
-
-    v2 = {op.name: _cpus(op) for op in _physical_ops(ray.data.read_parquet([parquet_file], num_cpus=0.25))}
-    assert v2.get("ListFiles") == 1, f"V2's listing now asks for {v2}: drop compat.parquet_datasource_v1"
-    with compat.parquet_datasource_v1():
-        ds = ray.data.read_parquet([parquet_file], num_cpus=0.25)
-    assert ray.data.DataContext.get_current().use_datasource_v2  # restored
-    v1 = [(op.name, _cpus(op)) for op in _physical_ops(ds) if op.name != "Input"]
-    assert len(v1) == 1 and v1[0][0].startswith("ReadParquet") and v1[0][1] == 0.25
-
-
-def test_ray_splits_any_read_into_at_least_200_blocks(ray_local):
-    """compat.parquet_read_blocks: still needed while Ray's minimum is 200 blocks per read."""
-    import ray
-
-    assert ray.data.DataContext.get_current().read_op_min_num_blocks == 200
-    assert compat.parquet_read_blocks(3) == 3 * compat.PARQUET_BLOCKS_PER_FILE and compat.parquet_read_blocks(0) == 1
-
-
 def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_path):
     """compat.checkpoint_filter_cpus and CHECKPOINT_FILTER_ACTORS: Ray's filter operator as planned
     on a resumed run (a committed checkpoint file exists)."""
