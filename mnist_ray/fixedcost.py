@@ -34,7 +34,7 @@ PARTS = (
     ("driver: imports, model and input checks", "process", "run_checks"),
     ("connect to the cluster", "run_checks", "connected"),
     ("read planning and the plan", "connected", "planned"),
-    ("dataset build (Parquet footers, sampling tasks)", "planned", "executing"),
+    ("dataset build", "planned", "executing"),
     ("actor start (worker process, imports)", "executing", "first_actor_init"),
     ("model load", "first_actor_init", "first_actor_ready"),
     ("first call", "first_actor_ready", "first_prediction"),
