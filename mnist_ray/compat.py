@@ -8,7 +8,6 @@ to delete. Nothing here runs at import: Ray and TensorFlow are imported inside t
 
 from __future__ import annotations
 
-
 CHECKED_ON = {"ray": "2.60.0", "tensorflow": "2.21.0", "tf_keras": "2.21.0", "keras": "3.15.1"}
 
 

@@ -312,7 +312,7 @@ def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | N
     from mnist_ray import readers
 
     loc, manifest = open_shards(uri)
-    files = [ShardFile(posixpath.join(loc.path, f["path"]), f["rows"], f["bytes"]) for f in manifest["files"]]
+    files = [ShardFile(path, f["rows"], f["bytes"]) for path, f in zip(shard_paths(loc, manifest), manifest["files"])]
     schema = row_form(SCHEMA.empty_table().select(columns or SCHEMA.names)).schema
     read = functools.partial(read_file, fs=loc.fs, columns=columns)
     # Ray splits each task's output into blocks to make this many (SplitBlocks), and without it

@@ -40,15 +40,14 @@ def test_the_row_digest_xor_ignores_order_and_sees_every_stored_field():
 def test_shards_are_read_by_the_manifest_in_four_blocks_per_file_in_the_row_form(small_shards):
     """read_dataset: one read task per listed file (no sampling task of Ray's Parquet reader),
     four blocks each, image as bytes (the row form) and exactly read_table's rows."""
+    import ray
+
     _, manifest = shards.open_shards(small_shards)
     ds = shards.read_dataset(small_shards, columns=["id", "image", "pixels", "label"], num_cpus=0.25)
     blocks = [m.num_rows for bundle in ds.iter_internal_ref_bundles() for m in bundle.metadata]
     assert len(blocks) == shards.READ_BLOCKS_PER_FILE * len(manifest["files"]) and sum(blocks) == manifest["rows"]
     assert [line.split(":")[0] for line in ds.stats().splitlines() if line.startswith("Operator")] == [
         f"Operator 1 ReadShards->SplitBlocks({shards.READ_BLOCKS_PER_FILE})"]
-    rows = ds.to_arrow_refs()
-    import ray
-
-    got = pa.concat_tables(ray.get(rows)).sort_by("id")
+    got = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("id")
     want = shards.read_table(small_shards, columns=["id", "image", "pixels", "label"]).sort_by("id")
     assert got.schema.field("image").type == pa.binary() and got.equals(want.select(got.column_names))
