@@ -162,14 +162,22 @@ def check_shared_storage(address: str, paths: tuple[str, ...], shared_storage: b
 LOCALHOST = "127.0.0.1"
 # Ray's processes inherit these: ports Ray fixes by default and `ray start` has no flag for.
 FIXED_PORT_ENV = ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")
+# Ray's default ports (GCS, dashboard, client server, dashboard agent, the two metric ports):
+# a head started later on this machine wants them. Three are inside Linux's ephemeral range,
+# where the OS may hand them out for port 0.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365, 44217, 44227})
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, never one of Ray's defaults."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind((LOCALHOST, 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def _die_with_parent():

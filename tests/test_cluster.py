@@ -89,12 +89,33 @@ RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227}
 RAY_DEFAULT_WORKER_PORTS = range(10002, 20000)
 
 
+def _ephemeral_ports() -> range:
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return range(low, high + 1)
+
+
 def test_single_node_ray_listens_on_loopback_only_and_on_no_default_port(ray_local):
-    pids = _tree({cluster.local_ray().process.pid, os.getpid()})
+    import psutil
+    import ray
+
+    local = cluster.local_ray()
+    pids = _tree({local.process.pid, os.getpid()})
     listening = _listening(pids)
     assert listening and all(c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for c in listening), listening
-    ports = {c.laddr.port for c in listening}
-    assert not ports & RAY_DEFAULT_PORTS and not [p for p in ports if p in RAY_DEFAULT_WORKER_PORTS], ports
+    # A port outside the OS's ephemeral range is only ever held on purpose; inside it, a port
+    # Ray was given 0 for may by chance be one of the defaults, so those are checked where
+    # Ray records the ports it was told to use.
+    ephemeral = _ephemeral_ports()
+    fixed = (RAY_DEFAULT_PORTS | set(RAY_DEFAULT_WORKER_PORTS)) - set(ephemeral)
+    held = {(c.laddr.port, psutil.Process(c.pid).name()) for c in listening if c.laddr.port in fixed}
+    assert not held, held
+    (node,) = ray.nodes()
+    configured = {name: port for name, port in node.items() if name.endswith("Port")}
+    assert len(configured) >= 5 and not set(configured.values()) & RAY_DEFAULT_PORTS, configured
+    raylet = next(p for p in map(psutil.Process, pids) if p.name() == "raylet")
+    metric_ports = {name: int(raylet.environ()[name]) for name in cluster.FIXED_PORT_ENV}
+    assert not set(metric_ports.values()) & RAY_DEFAULT_PORTS, metric_ports
+    assert RAY_DEFAULT_PORTS - set(ephemeral)  # what the listening check covers is not empty
 
 
 # --- a real head -------------------------------------------------------------------------------
