@@ -30,12 +30,12 @@ from mnist_ray.errors import MnistRayError, raised_in_worker
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_BUCKETS = 10
+HOLDOUT_BUCKETS = 10  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
 # Recipe settings a model spec may set (models.register); not flags, since they belong to the model.
 RECIPE_DEFAULTS = {"weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0, "ema_momentum": None,
                    # robustness (augment.py, synthetic.py): the share of training images shown as
                    # a degraded picture, and printed digits (per class) added to the training set
-                   "degrade_rate": 0.0, "printed_per_class": 0}  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
+                   "degrade_rate": 0.0, "printed_per_class": 0}
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,13 @@ class TrainConfig:
         values = [data_fingerprint] + [getattr(self, k) for k in keys]
         if self.width != 1.0:  # only then: runs named before the width knob keep their names
             values.append(self.width)
+        # The model's recipe and the fonts its printed digits come from: a checkpoint of another
+        # recipe is never resumed as this one. Models without a recipe keep their names.
+        recipe = {key: _recipe(self.model, key) for key in RECIPE_DEFAULTS}
+        if recipe != RECIPE_DEFAULTS:
+            values += [recipe, preprocess.PREPROCESS_VERSION]
+        if recipe["printed_per_class"]:
+            values.append(list(synthetic.TRAIN_FONTS))
         h = hashlib.sha256(json.dumps(values).encode())
         return f"{self.model}-{h.hexdigest()[:12]}"
 

@@ -1,5 +1,6 @@
 """Training: pieces without Ray, then real Ray Train runs with 2 workers."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -125,6 +126,26 @@ def test_config_takes_the_models_defaults_and_names_runs_deterministically():
     assert TrainConfig(model="cnn", epochs=9).resolved().epochs == 9
     assert cfg.run_name("sha256:a") == cfg.run_name("sha256:a") != cfg.run_name("sha256:b")
     assert TrainConfig(model="cnn", seed=1).resolved().run_name("sha256:a") != cfg.run_name("sha256:a")
+
+
+def test_a_run_is_named_by_the_models_recipe_and_training_fonts_too(monkeypatch):
+    """--resume never continues a checkpoint trained with another recipe or other fonts."""
+    from mnist_ray import models, synthetic
+
+    cfg = TrainConfig(model="default").resolved()
+    name = cfg.run_name("sha256:a")
+    plain = TrainConfig(model="cnn").resolved().run_name("sha256:a")
+    monkeypatch.setattr(synthetic, "TRAIN_FONTS", synthetic.TRAIN_FONTS[:-1])
+    assert cfg.run_name("sha256:a") != name
+    monkeypatch.undo()
+    spec = models.get_spec("default")
+    monkeypatch.setitem(models._REGISTRY, "default", dataclasses.replace(
+        spec, defaults={**spec.defaults, "printed_per_class": spec.defaults["printed_per_class"] + 1}))
+    assert cfg.run_name("sha256:a") != name
+    monkeypatch.undo()
+    assert cfg.run_name("sha256:a") == name
+    monkeypatch.setattr(synthetic, "TRAIN_FONTS", ())  # a model without printed digits ...
+    assert TrainConfig(model="cnn").resolved().run_name("sha256:a") == plain  # ... is named as before
 
 
 def test_data_checks_catch_unlabelled_and_missing_splits():
