@@ -2,9 +2,10 @@
 
 The fonts are split in two, and the split is fixed here: training renders TRAIN_FONTS
 (matplotlib's DejaVu Sans, Serif and Sans Mono in four styles each and STIX General in four,
-and the twelve Roboto faces of Ray's dashboard, six weights upright and italic), the
-robustness measurement MEASURE_FONTS (matplotlib's Computer Modern: roman, bold, sans,
-typewriter, italic), so the measured accuracy is on faces the model has never seen.
+the twelve Roboto faces of Ray's dashboard, six weights upright and italic, and the book
+serifs of two font wheels: Source Serif Pro in six weights and Caladea in four styles, half
+of them italic), the robustness measurement MEASURE_FONTS (matplotlib's Computer Modern:
+roman, bold, sans, typewriter, italic), so the measured accuracy is on faces the model has never seen.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ TRAIN_FONTS = tuple(
     + [f"DejaVuSerif{style}.ttf" for style in ("", "-Bold", "-Italic", "-BoldItalic")]
     + [f"STIXGeneral{style}.ttf" for style in ("", "Bol", "Italic", "BolIta")]
     # Another sans design, in more weights than DejaVu has: digits of a printed form or label.
-    + [f"ray:roboto-latin-{weight}{style}" for weight in (100, 300, 400, 500, 700, 900) for style in ("", "italic")])
+    + [f"ray:roboto-latin-{weight}{style}" for weight in (100, 300, 400, 500, 700, 900) for style in ("", "italic")]
+    # Book serifs, upright and italic in several weights: the digits of printed pages.
+    + [f"font_source_serif_pro:SourceSerifPro-{face}.ttf"
+       for weight in ("ExtraLight", "Light", "", "Semibold", "Bold", "Black")
+       for face in (weight or "Regular", weight + "It")]
+    + [f"font_caladea:Caladea-{style}.ttf" for style in ("Regular", "Bold", "Italic", "BoldItalic")])
 MEASURE_FONTS = ("cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf")
 RAY_FONTS = ("dashboard", "client", "build", "static", "media")  # where the ray wheel keeps its web fonts
 
@@ -40,6 +46,14 @@ def font_path(name: str) -> str:
         if not found:
             raise FileNotFoundError(f"font {name}: no {pattern} in this Ray install")
         return found[0]
+    if name.startswith("font_"):  # a font wheel: PACKAGE:FILE in the package's files/
+        import importlib.util
+
+        package, _, file = name.partition(":")
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise FileNotFoundError(f"font {name}: the {package} package is not installed")
+        return os.path.join(spec.submodule_search_locations[0], "files", file)
     import matplotlib
 
     return os.path.join(matplotlib.get_data_path(), "fonts", "ttf", name)

@@ -16,6 +16,10 @@ def test_train_and_measure_fonts_ship_with_the_dependencies_and_do_not_overlap()
     faces = {ImageFont.truetype(synthetic.font_path(n), 20).getname() for n in synthetic.TRAIN_FONTS
              if n.startswith("ray:")}
     assert len(faces) == 12 and {family for family, _ in faces} >= {"Roboto Thin", "Roboto Black"}
+    # The font wheels bring the book serifs, italics among them (what Computer Modern italic needs).
+    wheels = {ImageFont.truetype(synthetic.font_path(n), 20).getname() for n in synthetic.TRAIN_FONTS
+              if n.startswith("font_")}
+    assert len(wheels) == 16 and sum("Italic" in style for _, style in wheels) == 8, wheels
 
 
 def test_printed_digits_are_mnist_like_and_legible():
