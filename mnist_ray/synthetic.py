@@ -5,7 +5,8 @@ The fonts are split in two, and the split is fixed here: training renders TRAIN_
 the twelve Roboto faces of Ray's dashboard, six weights upright and italic, and the book
 serifs of two font wheels: Source Serif Pro in six weights and Caladea in four styles, half
 of them italic), the robustness measurement MEASURE_FONTS (matplotlib's Computer Modern:
-roman, bold, sans, typewriter, italic), so the measured accuracy is on faces the model has never seen.
+roman, bold, sans, typewriter, italic), so the measured accuracy is on faces the model has
+never seen.
 """
 
 from __future__ import annotations
