@@ -443,13 +443,22 @@ def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
     # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
     # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
     # share holds half the classes computes skewed BatchNorm statistics.
-    degrade, printed = _recipe(cfg.model, "degrade_rate"), _recipe(cfg.model, "printed_per_class")
-    train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout,
-                              variant_seed=cfg.seed if degrade or printed else None)
-    if printed:
-        train_ds = train_ds.union(printed_dataset(printed, cfg.seed))
-    train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
-    val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
+    # In order: Ray Data otherwise hands blocks on as their tasks finish, so the seeded shuffle
+    # would permute a different order in every run, and the same seed would train another model.
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        degrade, printed = _recipe(cfg.model, "degrade_rate"), _recipe(cfg.model, "printed_per_class")
+        train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout,
+                                  variant_seed=cfg.seed if degrade or printed else None)
+        if printed:
+            train_ds = train_ds.union(printed_dataset(printed, cfg.seed))
+        train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
+        val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
+    finally:
+        options.preserve_order = previous
     if val_ds.count() == 0:
         raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")
     return train_ds, val_ds
