@@ -226,8 +226,8 @@ class LocalRay:
 
     READY = "Ray runtime started"  # `ray start` prints it once the node is up (Ray 2.60)
 
-    def __init__(self, process, address: str, temp_dir: str, log_path: str):
-        self.process, self.address, self.temp_dir, self.log_path = process, address, temp_dir, log_path
+    def __init__(self, process, address: str, temp_dir: str, log_file):
+        self.process, self.address, self.temp_dir, self.log_file = process, address, temp_dir, log_file
 
     @classmethod
     def start(cls, num_cpus: int | None = None, timeout: float = 180.0, *,
@@ -264,11 +264,12 @@ class LocalRay:
                # cleaner, the state API) find this one, not "multiple active Ray instances".
                "RAY_ADDRESS": f"{LOCALHOST}:{port}",
                **{name: os.environ.get(name) or str(free_port()) for name in FIXED_PORT_ENV}}
-        log_file = tempfile.NamedTemporaryFile("w+b", prefix="ray-start-", suffix=".log", dir=temp_dir, delete=False)
+        # Nameless (unlinked at once): a command killed by a signal, before atexit runs, leaves
+        # no log behind. Its output is read back with pread, not a seek of the shared offset.
+        log_file = tempfile.TemporaryFile("w+b", prefix="ray-start-", dir=temp_dir)
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent())
-        log_file.close()
-        ray_ = cls(process, f"{LOCALHOST}:{port}", temp_dir, log_file.name)
+        ray_ = cls(process, f"{LOCALHOST}:{port}", temp_dir, log_file)
         atexit.register(ray_.stop)
         deadline = time.monotonic() + timeout
         while True:
@@ -283,8 +284,11 @@ class LocalRay:
             time.sleep(0.05)
 
     def output(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        """What `ray start` printed so far."""
+        if self.log_file.closed:
+            return ""
+        fd = self.log_file.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def stop(self, wait: float = 0.0) -> None:
         """SIGTERM: `ray start --block` stops the node's processes, then exits. Not waited for
@@ -299,5 +303,4 @@ class LocalRay:
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
-        if os.path.exists(self.log_path):
-            os.remove(self.log_path)
+        self.log_file.close()

@@ -379,7 +379,8 @@ def train_loop_per_worker(config: dict) -> None:
                 num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.prefetch(tf.data.AUTOTUNE)  # a GPU step is short: keep batches ready
         steps_before = int(model.optimizer.iterations.numpy())
-        fit = model.fit(ds, epochs=1, verbose=0, callbacks=[ema.callback()] if ema else [])
+        callbacks = [compat.mmap_threshold_callback(), *([ema.callback()] if ema else [])]
+        fit = model.fit(ds, epochs=1, verbose=0, callbacks=callbacks)
         seconds = time.perf_counter() - started
         steps = int(model.optimizer.iterations.numpy()) - steps_before
         last = epoch + 1 == config["epochs"]

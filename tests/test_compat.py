@@ -282,3 +282,46 @@ def test_rays_haproxy_config_binds_stats_and_metrics_to_every_interface_and_the_
     assert proc.returncode == 0, proc.stderr
     binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
     assert binds == ["127.0.0.1:50002", "127.0.0.1:8000", "127.0.0.1:50001"]
+
+
+# Minor page faults of 50 allocations, each written through: one a page when glibc maps and
+# unmaps them, none when they come from the heap. A free chunk at the heap's top serves a
+# request whatever the threshold, so the pinned one is measured with a size the heap never held.
+GENERATOR_FAULTS = """
+import ctypes, resource
+import numpy as np, tensorflow as tf
+from mnist_ray import compat
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+def faults(size):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(50):
+        p = libc.malloc(size)
+        ctypes.memset(p, 1, size)
+        libc.free(p)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults(2 << 20)  # glibc raises its own threshold past 2 MiB on the first free
+dynamic = faults(2 << 20)
+list(tf.data.Dataset.from_generator(lambda: iter([np.zeros(3)]), output_signature=tf.TensorSpec((3,), tf.float64)))
+pinned = faults(8 << 20)
+restored = compat.restore_mmap_threshold()
+faults(8 << 20)
+print(dynamic, pinned, restored, faults(8 << 20))
+"""
+
+
+def test_from_generator_still_pins_glibcs_mmap_threshold_and_the_workaround_lifts_it():
+    """compat.restore_mmap_threshold: after a generator dataset, every 1 MiB buffer faults in
+    page by page until the threshold is restored (~10 s, TensorFlow in a fresh process)."""
+    env = {**os.environ, **compat.keras2_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", GENERATOR_FAULTS], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dynamic, pinned, restored, after = out.stdout.split()
+    assert int(dynamic) < 500, out.stdout
+    assert int(pinned) > 50 * 1000, f"TensorFlow no longer pins the mmap threshold ({out.stdout}): " \
+                                   "compat.restore_mmap_threshold may go"
+    assert restored == "True" and int(after) < 500, out.stdout
