@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -137,6 +138,9 @@ def naive_app(model_dir: str):
 
     cluster.configure_process_env()
     model = models.keras().models.load_model(os.path.join(model_dir, runtimes.RUNTIME_FILES["tf"]), compile=False)
+    # One predict at a time: Keras' predict is not thread-safe (concurrent calls from the thread
+    # pool race in its callback bookkeeping: a KeyError, one request in a few hundred at c=32).
+    predict_lock = threading.Lock()
     app = FastAPI()
 
     @app.post("/predict")
@@ -144,7 +148,8 @@ def naive_app(model_dir: str):
         pixels, errors = preprocess.prepare_batch([body])
         if errors[0]:
             return JSONResponse({"error": errors[0]}, 400)
-        probs = model.predict(pixels, verbose=0)[0]
+        with predict_lock:
+            probs = model.predict(pixels, verbose=0)[0]
         return {"class": int(probs.argmax()), "probabilities": [float(p) for p in probs]}
 
     @app.get("/readyz")
