@@ -118,14 +118,14 @@ def test_single_node_ray_listens_on_loopback_only_and_on_no_default_port(ray_loc
     assert cluster.RAY_DEFAULT_PORTS == RAY_DEFAULT_PORTS  # the ports free_port never returns
 
 
-
-
 def test_the_local_rays_start_log_has_no_name_a_killed_command_could_leave(ray_local):
     local = cluster.local_ray()
     assert local.READY in local.output()  # read back whole, the shared file offset untouched
     assert local.READY in local.output()
     stdout = os.readlink(f"/proc/{local.process.pid}/fd/1")
     assert stdout.startswith(local.temp_dir) and stdout.endswith("(deleted)"), stdout
+
+
 # --- a real head -------------------------------------------------------------------------------
 
 

@@ -314,8 +314,8 @@ print(dynamic, pinned, restored, faults(8 << 20))
 
 
 def test_from_generator_still_pins_glibcs_mmap_threshold_and_the_workaround_lifts_it():
-    """compat.restore_mmap_threshold: after a generator dataset, every 1 MiB buffer faults in
-    page by page until the threshold is restored (~10 s, TensorFlow in a fresh process)."""
+    """compat.restore_mmap_threshold: after a generator dataset, every 8 MiB buffer faults in
+    page by page until the threshold is restored (~5 s, TensorFlow in a fresh process)."""
     env = {**os.environ, **compat.keras2_env(), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", GENERATOR_FAULTS], env=env, capture_output=True, text=True,
                          timeout=180)
