@@ -327,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
     threads = max(1, int(config["cpus_per_worker"]))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
+    compat.without_device_autotune()
     k = models.keras()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -377,7 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
             ds = ds.enumerate().map(
                 lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
                 num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.prefetch(tf.data.AUTOTUNE)  # a GPU step is short: keep batches ready
+        ds = compat.without_autotune(ds.prefetch(tf.data.AUTOTUNE))  # a GPU step is short: keep batches ready
         steps_before = int(model.optimizer.iterations.numpy())
         callbacks = [compat.mmap_threshold_callback(), *([ema.callback()] if ema else [])]
         fit = model.fit(ds, epochs=1, verbose=0, callbacks=callbacks)
@@ -387,8 +388,8 @@ def train_loop_per_worker(config: dict) -> None:
         if last and ema:
             ema.apply()  # the model to keep is the average; earlier epochs validate raw weights
         val_ds = val_shard.to_tf("image", "label", batch_size=1024)
-        val = model.evaluate(val_ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES))),
-                             verbose=0, return_dict=True)
+        val_ds = compat.without_autotune(val_ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES))))
+        val = model.evaluate(val_ds, verbose=0, return_dict=True)
         metrics = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]),
                    "accuracy": float(fit.history["accuracy"][-1]),
                    "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),

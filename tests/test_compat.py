@@ -325,3 +325,57 @@ def test_from_generator_still_pins_glibcs_mmap_threshold_and_the_workaround_lift
     assert int(pinned) > 50 * 1000, f"TensorFlow no longer pins the mmap threshold ({out.stdout}): " \
                                    "compat.restore_mmap_threshold may go"
     assert restored == "True" and int(after) < 500, out.stdout
+
+
+def test_letting_go_of_an_autotuned_iterator_can_still_wait_out_its_optimizer_and_without_autotune_never_does():
+    """compat.without_autotune: an autotuned iterator deleted 3 s into its input can wait ~2 s for
+    tf.data's autotune thread, whose sleep then runs from 2.56 s to 5.12 s (3 times in 8 here, so
+    up to 12 tries: ~10 s); an iterator without autotuning goes at once."""
+    import time
+
+    import tensorflow as tf
+
+    def endless():
+        while True:
+            time.sleep(0.005)
+            yield np.zeros((8, 28, 28, 1), np.float32)
+
+    def seconds_to_let_go(autotune: bool) -> float:
+        ds = tf.data.Dataset.from_generator(endless, output_signature=tf.TensorSpec((8, 28, 28, 1), tf.float32))
+        ds = ds.map(lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        it = iter(ds if autotune else compat.without_autotune(ds))
+        started = time.perf_counter()
+        while time.perf_counter() - started < 3:
+            next(it)
+        started = time.perf_counter()
+        del it
+        return time.perf_counter() - started
+
+    autotuned = []
+    while len(autotuned) < 12 and max(autotuned, default=0) < 1:
+        autotuned.append(seconds_to_let_go(True))
+    assert max(autotuned) > 1, f"no autotuned iterator waited in {len(autotuned)} tries: " \
+                               "compat.without_autotune may go"
+    plain = [seconds_to_let_go(False) for _ in range(2)]
+    assert max(plain) < 0.5, f"without autotuning, letting go took {plain} s"
+
+
+def test_a_multi_device_iterators_device_datasets_still_autotune_and_the_workaround_turns_it_off(monkeypatch):
+    """compat.without_device_autotune: the datasets MultiWorkerMirroredStrategy feeds each device
+    through ignore the input pipeline's options until it is applied (and applying it twice is fine)."""
+    import tensorflow as tf
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    def device_autotune():
+        it = multi_device_iterator_ops.OwnedMultiDeviceIterator(
+            compat.without_autotune(tf.data.Dataset.range(4)), ["/cpu:0"])
+        return it._device_iterators[0]._dataset.options().autotune.enabled
+
+    assert device_autotune() is not False, \
+        "TensorFlow's per-device datasets now follow the input's options: compat.without_device_autotune may go"
+    monkeypatch.setattr(multi_device_iterator_ops, "_create_device_dataset",
+                        multi_device_iterator_ops._create_device_dataset)  # undone after the test
+    compat.without_device_autotune()
+    compat.without_device_autotune()
+    assert device_autotune() is False
+    assert multi_device_iterator_ops._create_device_dataset.without_autotune
