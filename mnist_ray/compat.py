@@ -95,10 +95,11 @@ def without_autotune(ds):
     TF 2.21's autotune thread sleeps between optimizations for a period that doubles as the
     iterator lives (10 ms, 20 ms, ... 20 s after 20 s), and deleting the iterator can wait out
     that sleep (a race: 3 deletions in 8 here, 3 in 3 after 25 s). ``model.fit`` and
-    ``evaluate`` delete theirs at the end of every epoch: an epoch of training that took 22 s of steps took 41 s, and one
-    of 42 s took 82, the rest with both workers idle. Without autotuning, ``AUTOTUNE`` settles
-    parallelism and prefetch depth once, from the CPUs, as the pipeline starts: as fast here
-    (4 epochs of ``default``: 169 s, against 184 s with parallelism 1 and 242 s autotuned).
+    ``evaluate`` delete theirs at the end of every epoch: an epoch of training that took 22 s
+    of steps took 41 s, and one of 42 s took 82, the rest with both workers idle. Without
+    autotuning, ``AUTOTUNE`` settles parallelism and prefetch depth once, from the CPUs, as the
+    pipeline starts: as fast here (4 epochs of ``default``: 169 s, against 184 s with
+    parallelism 1 and 242 s autotuned).
     Checked on TensorFlow 2.21.0.
     """
     import tensorflow as tf
