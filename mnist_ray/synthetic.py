@@ -2,11 +2,13 @@
 
 The fonts are split in two, and the split is fixed here: training renders TRAIN_FONTS
 (matplotlib's DejaVu Sans, Serif and Sans Mono in four styles each and STIX General in four,
-the twelve Roboto faces of Ray's dashboard, six weights upright and italic, and the book
-serifs of two font wheels: Source Serif Pro in six weights and Caladea in four styles, half
-of them italic), the robustness measurement MEASURE_FONTS (matplotlib's Computer Modern:
-roman, bold, sans, typewriter, italic), so the measured accuracy is on faces the model has
-never seen.
+the twelve Roboto faces of Ray's dashboard, six weights upright and italic, and font wheels
+of Google Fonts (SIL OFL) and Caladea (Apache 2.0) chosen by kind of print: book serifs
+(Source Serif Pro, Caladea, PT Serif, Crimson Text), a calligraphic italic (EB Garamond), a
+slab serif with old-style figures (Zilla Slab), a typewriter-like monospace (IBM Plex Mono) and
+a high-contrast display bold (Abril Fatface), most of them upright and italic), the robustness
+measurement MEASURE_FONTS (matplotlib's Computer Modern: roman, bold, sans, typewriter,
+italic), so the measured accuracy is on faces the model has never seen.
 """
 
 from __future__ import annotations
@@ -31,7 +33,18 @@ TRAIN_FONTS = tuple(
     + [f"font_source_serif_pro:SourceSerifPro-{face}.ttf"
        for weight in ("ExtraLight", "Light", "", "Semibold", "Bold", "Black")
        for face in (weight or "Regular", weight + "It")]
-    + [f"font_caladea:Caladea-{style}.ttf" for style in ("Regular", "Bold", "Italic", "BoldItalic")])
+    + [f"font_caladea:Caladea-{style}.ttf" for style in ("Regular", "Bold", "Italic", "BoldItalic")]
+    + [f"fontpkg_pt_serif:PT_Serif-Web-{style}.ttf" for style in ("Regular", "Bold", "Italic", "BoldItalic")]
+    + [f"fontpkg_crimson_text:CrimsonText-{face}.ttf"
+       for face in ("Regular", "Italic", "SemiBold", "SemiBoldItalic", "Bold", "BoldItalic")]
+    # Book italics written with a pen rather than slanted: open 4s, curled 2s and 7s.
+    + ["fontpkg_eb_garamond:EBGaramond[wght].ttf", "fontpkg_eb_garamond:EBGaramond-Italic[wght].ttf"]
+    # Slabs and monospace: forms, receipts, typewritten pages; Zilla's figures are old-style.
+    + [f"fontpkg_zilla_slab:ZillaSlab-{face}.ttf" for face in ("Light", "Regular", "Bold", "Italic", "BoldItalic")]
+    + [f"fontpkg_ibm_plex_mono:IBMPlexMono-{face}.ttf"
+       for face in ("Light", "Regular", "Bold", "LightItalic", "Italic", "BoldItalic")]
+    # Thick stems and hairlines in one digit: headlines, posters.
+    + ["fontpkg_abril_fatface:AbrilFatface-Regular.ttf"])
 MEASURE_FONTS = ("cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf")
 RAY_FONTS = ("dashboard", "client", "build", "static", "media")  # where the ray wheel keeps its web fonts
 
@@ -47,7 +60,7 @@ def font_path(name: str) -> str:
         if not found:
             raise FileNotFoundError(f"font {name}: no {pattern} in this Ray install")
         return found[0]
-    if name.startswith("font_"):  # a font wheel: PACKAGE:FILE in the package's files/
+    if name.startswith(("font_", "fontpkg_")):  # a font wheel: PACKAGE:FILE in the package's files/
         import importlib.util
 
         package, _, file = name.partition(":")
@@ -85,14 +98,22 @@ def render(digit: int, font_file: str, rng: np.random.Generator) -> np.ndarray:
     return 255 - picture if rng.random() < 0.5 else picture
 
 
+def font_schedule(per_class: int, fonts: int) -> np.ndarray:
+    """The font of every rendering, (per_class, 10): round ``i`` draws digit ``d`` in font
+    ``i + d``, so every font draws every digit once ``per_class >= fonts``. (Counting renderings
+    instead, font ``10 * i + d``, gives a font only even or only odd digits whenever the number
+    of fonts is even.)"""
+    return (np.arange(per_class)[:, None] + np.arange(10)[None, :]) % fonts
+
+
 def printed_digits(fonts: tuple[str, ...], per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` printed digits of every class over ``fonts`` (round robin), as the model sees
-    them (``preprocess.mnist_like``): uint8 (10 * per_class, 28, 28) and int labels."""
+    """``per_class`` printed digits of every class over ``fonts`` (``font_schedule``), as the
+    model sees them (``preprocess.mnist_like``): uint8 (10 * per_class, 28, 28) and int labels."""
     rng = np.random.default_rng(seed)
     files = [font_path(f) for f in fonts]
     images, labels = [], []
-    for i in range(per_class):
-        for digit in range(10):
-            images.append(preprocess.mnist_like(render(digit, files[(i * 10 + digit) % len(files)], rng)))
+    for row in font_schedule(per_class, len(files)):
+        for digit, font in enumerate(row):
+            images.append(preprocess.mnist_like(render(digit, files[font], rng)))
             labels.append(digit)
     return np.stack(images), np.array(labels, np.int32)

@@ -16,10 +16,21 @@ def test_train_and_measure_fonts_ship_with_the_dependencies_and_do_not_overlap()
     faces = {ImageFont.truetype(synthetic.font_path(n), 20).getname() for n in synthetic.TRAIN_FONTS
              if n.startswith("ray:")}
     assert len(faces) == 12 and {family for family, _ in faces} >= {"Roboto Thin", "Roboto Black"}
-    # The font wheels bring the book serifs, italics among them (what Computer Modern italic needs).
+    # The font wheels bring the other kinds of print, italics among them: every name is a face
+    # of its own (a wheel that renamed a file would give a fallback face twice).
     wheels = {ImageFont.truetype(synthetic.font_path(n), 20).getname() for n in synthetic.TRAIN_FONTS
-              if n.startswith("font_")}
-    assert len(wheels) == 16 and sum("Italic" in style for _, style in wheels) == 8, wheels
+              if n.startswith(("font_", "fontpkg_"))}
+    families = {family for family, _ in wheels}
+    assert len(wheels) == 40 and sum("Italic" in style for _, style in wheels) == 19, wheels
+    assert {"PT Serif", "Crimson Text", "EB Garamond", "Zilla Slab", "IBM Plex Mono", "Abril Fatface"} <= families
+
+
+def test_every_training_font_draws_every_digit():
+    for fonts in (2, 7, 44, len(synthetic.TRAIN_FONTS)):
+        schedule = synthetic.font_schedule(200, fonts)
+        assert schedule.shape == (200, 10)
+        for font in range(fonts):
+            assert set(np.nonzero(schedule == font)[1]) == set(range(10)), (fonts, font)
 
 
 def test_printed_digits_are_mnist_like_and_legible():
