@@ -106,16 +106,18 @@ def uci_set() -> tuple[list[bytes], np.ndarray]:
 def printed_set(per_digit: int, fonts: list[str] | None = None) -> tuple[list[bytes], np.ndarray, list[str]]:
     """Every digit ``per_digit`` times in every font (random size, weight, turn, shades, blur,
     noise, polarity; seeded): synthetic.MEASURE_FONTS, or the font files ``fonts``. Also the
-    face of every row (its file name)."""
+    face of every row: its file name, or its path where two files share a name."""
     rng = np.random.default_rng(1717)
     files = fonts if fonts is not None else [synthetic.font_path(f) for f in synthetic.MEASURE_FONTS]
+    names = [os.path.basename(p) for p in files]
+    names = [n if names.count(n) == 1 else p for n, p in zip(names, files)]
     images, labels, faces = [], [], []
-    for path in files:
+    for path, name in zip(files, names):
         for _ in range(per_digit):
             for digit in range(10):
                 images.append(_png(synthetic.render(digit, path, rng)))
                 labels.append(digit)
-                faces.append(os.path.basename(path))
+                faces.append(name)
     return images, np.array(labels, np.int64), faces
 
 
@@ -147,8 +149,8 @@ def measure_fonts(spec: str) -> tuple[list[str], dict[str, list[str]]]:
 
     Left out: files that are not fonts or lack digits, a second file of the same face, and
     every face of a family that training renders (synthetic.TRAIN_FONTS). A family counts as
-    training's when one name, letters and figures only, starts the other: "EB Garamond 12" is EB Garamond,
-    "DejaVu Sans Condensed" DejaVu Sans, "STIX Two" STIXGeneral's design - set (c) must be faces
+    training's when one name, letters and figures only, starts the other ("EB Garamond 12" is EB
+    Garamond, "DejaVu Sans Condensed" DejaVu Sans, "Roboto Slab" Roboto): set (c) must be faces
     the model has never seen, so near names are left out rather than measured.
     """
     files = []

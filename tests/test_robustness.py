@@ -81,7 +81,7 @@ def font_dir(tmp_path):
 def test_fonts_measures_unseen_faces_and_leaves_out_training_families(font_dir):
     keep, left_out = robustness.measure_fonts(str(font_dir))
     assert keep == [str(font_dir / "cmr10.ttf"), str(font_dir / "cmtt10.ttf")]
-    assert left_out == {"a family training renders": [str(font_dir / "DejaVuSans.ttf"), str(font_dir / "STIXGeneral.ttf")],
+    assert left_out == {"a family training renders": [str(font_dir / n) for n in ("DejaVuSans.ttf", "STIXGeneral.ttf")],
                         "no digits (a symbol or script font)": [str(font_dir / "DejaVuSansDisplay.ttf")],
                         "not a font fontTools can read": [str(font_dir / "broken.ttf")],
                         "the same face as another file": [str(font_dir / "sub" / "cmr10-copy.ttf")]}
@@ -133,3 +133,13 @@ def test_the_printed_report_names_the_worst_faces_and_counts_the_files():
     assert short["sets"]["printed"]["by_face"] == {"f0.ttf": 0.0, "f1.ttf": 1 / 12, "f2.ttf": 2 / 12}
     assert short["sets"]["printed"]["faces"] == 12 and short["fonts"] == {"measured": 12, "left_out": {"no digits": 1}}
     assert len(report["sets"]["printed"]["by_face"]) == 12  # the full report is left as it was
+
+
+def test_faces_that_share_a_file_name_are_told_apart_by_path(font_dir):
+    import shutil
+
+    (font_dir / "other").mkdir()
+    shutil.copy(font_dir / "cmtt10.ttf", font_dir / "other" / "cmr10.ttf")  # another face, the same name
+    files = [str(font_dir / "cmr10.ttf"), str(font_dir / "other" / "cmr10.ttf"), str(font_dir / "cmtt10.ttf")]
+    _, labels, faces = robustness.printed_set(1, files)
+    assert sorted(set(faces)) == sorted([files[0], files[1], "cmtt10.ttf"]) and len(labels) == 30
