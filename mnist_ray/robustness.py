@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -109,8 +110,8 @@ def printed_set(per_digit: int, fonts: list[str] | None = None) -> tuple[list[by
     face of every row: its file name, or its path where two files share a name."""
     rng = np.random.default_rng(1717)
     files = fonts if fonts is not None else [synthetic.font_path(f) for f in synthetic.MEASURE_FONTS]
-    names = [os.path.basename(p) for p in files]
-    names = [n if names.count(n) == 1 else p for n, p in zip(names, files)]
+    shared = Counter(os.path.basename(p) for p in files)
+    names = [p if shared[os.path.basename(p)] > 1 else os.path.basename(p) for p in files]
     images, labels, faces = [], [], []
     for path, name in zip(files, names):
         for _ in range(per_digit):
@@ -269,8 +270,9 @@ def score(runtime, encoded: list[bytes], labels: np.ndarray, faces: list[str] | 
 
 def by_face(wrong: np.ndarray, faces: list[str]) -> dict[str, float]:
     """Accuracy of every face, worst first."""
-    faces = np.asarray(faces)
-    accuracy = {f: round(float(1 - wrong[faces == f].mean()), 4) for f in np.unique(faces).tolist()}
+    names, index = np.unique(np.asarray(faces), return_inverse=True)
+    right = np.bincount(index, weights=~wrong, minlength=len(names)) / np.bincount(index, minlength=len(names))
+    accuracy = {f: round(float(a), 4) for f, a in zip(names.tolist(), right)}
     return dict(sorted(accuracy.items(), key=lambda kv: (kv[1], kv[0])))
 
 
@@ -302,7 +304,7 @@ def run(cfg: RobustnessConfig) -> dict:
     """Score ``cfg.model`` on every set of ``cfg.sets``; print the table, return the report."""
     cfg.validate()
     cluster.configure_process_env()
-    fonts, left_out = measure_fonts(cfg.fonts) if cfg.fonts and "printed" in cfg.set_list() else (None, {})
+    fonts, left_out = measure_fonts(cfg.fonts) if cfg.fonts else (None, {})  # validate: printed is in the sets
     local, metadata = export.open_model_dir(cfg.model)
     runtime = runtimes.load(local, cfg.runtime)
     report = {"model": cfg.model, "model_version": metadata["version"], "runtime": cfg.runtime,
