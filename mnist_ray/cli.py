@@ -12,33 +12,34 @@ import json
 import logging
 import sys
 
-from mnist_ray import __version__, cluster, config, logs
+from mnist_ray import __version__, config
+from mnist_ray.plumbing import cluster, logs
 from mnist_ray.errors import MnistRayError
 
 # subcommand -> (module, config class, one-line description). Modules load only when used,
 # so `mnist-ray --help` does not import Ray or TensorFlow.
 COMMANDS = {
-    "prepare": ("mnist_ray.prepare", "PrepareConfig",
+    "prepare": ("mnist_ray.preparation.prepare", "PrepareConfig",
                 "turn a dataset into Parquet image shards (local or s3://)"),
-    "train": ("mnist_ray.train", "TrainConfig",
+    "train": ("mnist_ray.training.train", "TrainConfig",
               "train a model with Ray Train (data parallel) and export a versioned model dir"),
-    "tune": ("mnist_ray.tune", "TuneConfig",
+    "tune": ("mnist_ray.training.tune", "TuneConfig",
              "search hyperparameters of training (Ray Tune: Optuna + ASHA); results and the best model"),
-    "infer": ("mnist_ray.infer", "InferConfig",
+    "infer": ("mnist_ray.inference.infer", "InferConfig",
               "score shards or image files with a pool of Ray actors; predictions to Parquet"),
-    "evaluate": ("mnist_ray.evaluate", "EvaluateConfig",
+    "evaluate": ("mnist_ray.evaluation.evaluate", "EvaluateConfig",
                  "metrics, confusion matrix and a sample grid of a predictions dataset"),
     "pipeline": ("mnist_ray.pipeline", "PipelineConfig",
                  "prepare -> train -> infer -> evaluate, skipping every stage whose output is current"),
-    "predict": ("mnist_ray.predict", "PredictConfig",
+    "predict": ("mnist_ray.inference.predict", "PredictConfig",
                 "classify a few image files here and now: class and the ten percentages"),
-    "bench": ("mnist_ray.bench", "BenchConfig",
+    "bench": ("mnist_ray.bench.bench", "BenchConfig",
               "images/s of batch inference: naive loop, forward-pass ceiling, the whole job; training"),
-    "serve": ("mnist_ray.serve", "ServeConfig",
+    "serve": ("mnist_ray.serving.serve", "ServeConfig",
               "the model behind HTTP on Ray Serve (batched), with a page to try it; or a Serve config"),
-    "robustness": ("mnist_ray.robustness", "RobustnessConfig",
+    "robustness": ("mnist_ray.evaluation.robustness", "RobustnessConfig",
                    "accuracy on inputs not trained on: MNIST test, UCI scans, unseen fonts, phone photos"),
-    "compress": ("mnist_ray.compress", "CompressConfig",
+    "compress": ("mnist_ray.training.compress", "CompressConfig",
                  "quantize, prune and distill a model dir; every variant a model dir, compared in one table"),
 }
 

@@ -31,7 +31,7 @@ from typing import Callable, ClassVar
 
 import pyarrow.fs as pafs
 
-from mnist_ray import cluster, storage
+from mnist_ray.plumbing import cluster, storage
 from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,11 @@ class _Ledger:
 
 def run(cfg: PipelineConfig) -> dict:
     """prepare -> train -> infer -> evaluate under ``cfg.output``; returns what each stage did."""
-    from mnist_ray import evaluate, infer, logs, prepare, train
+    from mnist_ray.evaluation import evaluate
+    from mnist_ray.inference import infer
+    from mnist_ray.plumbing import logs
+    from mnist_ray.preparation import prepare
+    from mnist_ray.training import train
 
     cluster.configure_process_env()
     started = time.perf_counter()

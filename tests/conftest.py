@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 # Before anything imports Ray: every Ray these tests start listens on 127.0.0.1 only (see
-# mnist_ray.cluster.SINGLE_MACHINE), including the `ray start --head` of test_cluster.py.
+# mnist_ray.plumbing.cluster.SINGLE_MACHINE), including the `ray start --head` of test_cluster.py.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # The MNIST test set shipped in the package (mnist_ray/data/mnist): the repo needs nothing beside it.
@@ -84,7 +84,7 @@ def ray_local(s3_server):
     """One local Ray for the whole session: 2 CPUs, bound to 127.0.0.1, never a leftover cluster."""
     import ray
 
-    from mnist_ray import cluster
+    from mnist_ray.plumbing import cluster
 
     os.environ.pop("RAY_ADDRESS", None)
     cluster.connect(None, num_cpus=2)
@@ -132,7 +132,7 @@ def digit_folder(tmp_path_factory, mnist_test_arrays):
 @pytest.fixture(scope="session")
 def small_shards(ray_local, tmp_path_factory) -> str:
     """mnist-sample, 1,000 train and 500 val rows: small enough to train on in seconds."""
-    from mnist_ray.prepare import PrepareConfig, run
+    from mnist_ray.preparation.prepare import PrepareConfig, run
 
     out = str(tmp_path_factory.mktemp("small") / "shards")
     run(PrepareConfig(output=out, limit=1000))
@@ -142,7 +142,7 @@ def small_shards(ray_local, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_model(small_shards, tmp_path_factory) -> tuple[str, dict]:
     """A cnn trained by `mnist-ray train` with 2 Ray Train workers: (model dir, summary)."""
-    from mnist_ray.train import TrainConfig, run
+    from mnist_ray.training.train import TrainConfig, run
 
     out = str(tmp_path_factory.mktemp("trained") / "model")
     summary = run(TrainConfig(data=small_shards, output=out, model="cnn", epochs=3, workers=2,

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from mnist_ray import cli, config, storage
-from mnist_ray.prepare import PrepareConfig
+from mnist_ray import cli, config
+from mnist_ray.plumbing import storage
+from mnist_ray.preparation.prepare import PrepareConfig
 
 
 def _run(*args, env=None, timeout=60):

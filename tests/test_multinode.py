@@ -258,7 +258,7 @@ def test_training_workers_spread_over_two_nodes_as_accurate_as_one_node(ray_clus
     assert len(multi["metrics"]["history"]) == 2
 
     # The same settings on one node: the session's local Ray, the same shards.
-    from mnist_ray.train import TrainConfig, run
+    from mnist_ray.training.train import TrainConfig, run
 
     one = run(TrainConfig(data=data["train"], output=f"s3://{bucket}/model-one-node", model="cnn", epochs=2,
                           workers=2, batch_size=64, learning_rate=2e-3, tflite=False,
@@ -329,12 +329,12 @@ def test_a_node_lost_while_scoring(ray_cluster, bucket, data, trained, scored):
         assert _summary(logs)["resumed_rows"] > 0, "the rerun scored everything again"
     total = time.monotonic() - started
     outcome["time_lost_s"] = round(total - scored["seconds"], 1)
-    from mnist_ray import predictions
+    from mnist_ray.formats import predictions
 
     table = predictions.read_predictions(f"{s3}/lost-node", columns=["id", "error"])
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)) == data["rows"] and table["error"].null_count == data["rows"]
-    from mnist_ray import shards
+    from mnist_ray.formats import shards
 
     assert set(ids) == set(shards.read_table(data["test"], columns=["id"])["id"].to_pylist())
     print(f"\nlost node {victim} while scoring: {json.dumps(outcome)} (no-fault run {scored['seconds']:.0f} s)")

@@ -1,0 +1,261 @@
+"""Where inference's rows come from: image shards, archives, any image Parquet or a folder of image
+files, behind one interface.
+
+Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
+or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
+``predictor.prepare_rows`` turns into the model's input.
+A source answers, without Ray: what it is (``describe``, recorded in the predictions' manifest),
+a few real rows (``sample``, for the driver's smoke test) and the digest of its ids (``digest``,
+for reconciliation); with Ray, the streaming ``dataset``.
+
+Adding a kind of input: subclass ``Source``, implement ``claims`` and the four methods, and add
+the class to ``KINDS`` before the catch-all image folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mnist_ray.formats import shards
+from mnist_ray.inputs import datasets, foreign
+from mnist_ray.plumbing import storage
+from mnist_ray.errors import MnistRayError
+
+SAMPLE_ROWS = 8
+
+
+class Source:
+    """One input of ``mnist-ray infer``.
+
+    ``resume_key`` names the column Ray Data's checkpoint filter sees right after the read, and
+    ``scheme`` what must be put in front of that column's values to give the ids written (the
+    files' URIs on object storage); ``rows`` and ``fingerprint`` identify the input's content.
+    """
+
+    kind: ClassVar[str]
+    resume_key: ClassVar[str]
+
+    def __init__(self, uri: str, *, rows: int, fingerprint: str, scheme: str = ""):
+        self.uri, self.rows, self.fingerprint, self.scheme = uri, rows, fingerprint, scheme
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        """Whether ``uri`` is this kind of input (a cheap look, no full listing)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What the predictions' manifest records as its input (``evaluate`` reads it)."""
+        return {"kind": self.kind, "uri": self.uri, "fingerprint": self.fingerprint, "rows": self.rows}
+
+    def sample(self) -> pa.Table | None:
+        """A few real rows, read in the driver without Ray."""
+        raise NotImplementedError
+
+    def digest(self, stop: threading.Event) -> shards.IdDigest | None:
+        """The digest of every id (None when ``stop`` is set first): what the output must match."""
+        raise NotImplementedError
+
+    def dataset(self, read_cpus: float):
+        """The streaming Ray Dataset of the rows; read tasks reserve ``read_cpus`` each."""
+        raise NotImplementedError
+
+
+class ShardSource(Source):
+    """Image shards (``mnist-ray prepare``): only the files the manifest lists."""
+
+    kind, resume_key = "shards", "id"
+
+    def __init__(self, uri: str, model_metadata: dict | None = None):
+        self.loc, self.manifest = shards.open_shards(uri)
+        self.paths = shards.shard_paths(self.loc, self.manifest)
+        self.model_metadata = model_metadata
+        super().__init__(uri, rows=self.manifest["rows"], fingerprint=self.manifest["fingerprint"])
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        loc = storage.resolve(uri)
+        try:
+            return loc.fs.get_file_info(loc.join(storage.MANIFEST)).type == pafs.FileType.File
+        except OSError as e:
+            raise MnistRayError(storage.describe_error(e, uri)) from e
+
+    def columns(self) -> list[str]:
+        """The stored pixels where the shards have them and made them with the model's
+        preprocessing version (then the encoded image only if some rows have no pixels), else
+        the encoded image: a changed ``mnist_like`` never scores stale pixels."""
+        usable = (shards.has_pixels(self.manifest) if self.model_metadata is None
+                  else shards.pixels_usable(self.manifest, self.model_metadata))
+        if not usable:
+            return ["id", "image", "label", "path"]
+        return ["id", "pixels", "label", "path"] + (["image"] if self.manifest.get("pixels_missing", 0) else [])
+
+    def sample(self) -> pa.Table | None:
+        import pyarrow.parquet as pq
+
+        if not self.paths:
+            return None
+        with pq.ParquetFile(self.paths[0], filesystem=self.loc.fs) as first:
+            if not first.num_row_groups:
+                return None
+            return shards.row_form(first.read_row_group(0, columns=self.columns()).slice(0, SAMPLE_ROWS))
+
+    def digest(self, stop: threading.Event) -> shards.IdDigest | None:
+        import pyarrow.parquet as pq
+
+        ids = shards.IdDigest()
+        for path in self.paths:  # one file's ids in memory at a time
+            if stop.is_set():
+                return None
+            ids.add(pq.read_table(path, columns=["id"], filesystem=self.loc.fs)["id"])
+        return ids
+
+    def dataset(self, read_cpus: float):
+        return shards.read_dataset(self.uri, columns=self.columns(), num_cpus=read_cpus)
+
+
+class ImageFolderSource(Source):
+    """A folder of image files (local or object storage), listed once; the id is the relative path."""
+
+    kind, resume_key = "images", "path"  # the read has no id yet: files are resumed by path
+
+    def __init__(self, uri: str):
+        self.folder = datasets.image_folder(uri)
+        listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in self.folder.files).encode())
+        super().__init__(uri, rows=len(self.folder.files), fingerprint="sha256:" + listing.hexdigest(),
+                         scheme=self.folder.root.scheme)
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        return True  # the catch-all: image_folder says clearly what is wrong with anything else
+
+    def describe(self) -> dict:
+        return {**super().describe(), "files": self.rows}
+
+    def paths(self) -> list[str]:
+        return [self.folder.root.join(rel) for rel, _ in self.folder.files]
+
+    def sample(self) -> pa.Table | None:
+        first = self.paths()[:SAMPLE_ROWS]
+        raw = []
+        for path in first:
+            with self.folder.root.fs.open_input_file(path) as f:
+                raw.append(f.readall())
+        return datasets.folder_rows(pa.table({"bytes": pa.array(raw, pa.binary()), "path": pa.array(first, pa.string())}),
+                                    self.folder.root.path, self.folder.root.scheme)
+
+    def digest(self, stop: threading.Event) -> shards.IdDigest:
+        ids = shards.IdDigest()
+        ids.add(pa.array([rel for rel, _ in self.folder.files], pa.string()))
+        return ids
+
+    def dataset(self, read_cpus: float):
+        import ray
+
+        root = self.folder.root
+        return ray.data.read_binary_files(self.paths(), filesystem=root.fs, include_paths=True,
+                                          num_cpus=read_cpus).map_batches(
+            datasets.folder_rows, batch_format="pyarrow", batch_size=256,
+            fn_kwargs={"root": root.path, "scheme": root.scheme})
+
+
+class PlannedSource(Source):
+    """An input planned into read pieces (``foreign.ParquetInput``, ``archives.ArchiveInput``):
+    the read makes the ids, so the checkpoint filter resumes by ``id``."""
+
+    resume_key = "id"
+
+    def __init__(self, uri: str, planned):
+        self.planned = planned
+        super().__init__(uri, rows=planned.rows, fingerprint=planned.fingerprint)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "files": len(self.planned.files.files)}
+
+    def sample(self) -> pa.Table | None:
+        return self.planned.sample(SAMPLE_ROWS)
+
+    def digest(self, stop: threading.Event) -> shards.IdDigest | None:
+        ids = shards.IdDigest()
+        for chunk in self.planned.ids():  # one piece's ids at a time
+            if stop.is_set():
+                return None
+            ids.add(chunk)
+        return ids
+
+    def dataset(self, read_cpus: float):
+        return self.planned.dataset(encode=False, num_cpus=read_cpus)
+
+
+class ArchiveSource(PlannedSource):
+    """A .zip, .tar or .tar.gz of image folders, or WebDataset tar shards (a glob), unpacked by none."""
+
+    kind = "archive"
+
+    def __init__(self, uri: str):
+        from mnist_ray.inputs import archives
+
+        super().__init__(uri, archives.open_archives(uri))
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        from mnist_ray.inputs import archives
+
+        return archives.is_archive(uri)
+
+
+class ParquetSource(PlannedSource):
+    """Parquet mnist-ray did not write (``parquet:PATH``, a .parquet file, a glob, a directory of
+    them): the image, id and label columns found by ``foreign.detect`` or named by flags."""
+
+    kind = "parquet"
+    PREFIX = "parquet:"
+
+    def __init__(self, uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()):
+        planned = foreign.open_parquet(uri.removeprefix(self.PREFIX), **columns.as_kwargs())
+        super().__init__(uri, planned)
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        if uri.startswith(cls.PREFIX) or uri.lower().endswith(foreign.PARQUET_EXTENSIONS):
+            return True
+        if foreign.is_glob(uri):
+            return False  # a glob of images is an error of the image folder kind
+        loc = storage.resolve(uri)
+        try:
+            if loc.fs.get_file_info(loc.path).type != pafs.FileType.Directory:
+                return False
+            infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        except OSError as e:
+            raise MnistRayError(storage.describe_error(e, uri)) from e
+        names = [i.base_name.lower() for i in infos if i.type == pafs.FileType.File]
+        # A directory of Parquet files (and no images): a Hugging Face or Ray Data export.
+        return any(n.endswith(foreign.PARQUET_EXTENSIONS) for n in names) and \
+            not any(n.endswith(datasets.IMAGE_EXTENSIONS) for n in names)
+
+    def describe(self) -> dict:
+        c = self.planned.columns
+        return {**super().describe(), "columns": {"image": c.image, "id": c.id, "label": c.label}}
+
+
+# In order: the first kind that claims a URI opens it.
+KINDS: tuple[type[Source], ...] = (ShardSource, ArchiveSource, ParquetSource, ImageFolderSource)
+
+
+def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice(),
+                model_metadata: dict | None = None) -> Source:
+    """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet;
+    ``model_metadata`` (the model's metadata.json) decides whether stored pixels are usable."""
+    kind = next(kind for kind in KINDS if kind.claims(uri))
+    if kind is ShardSource:
+        return kind(uri, model_metadata)
+    if kind is ParquetSource:
+        return kind(uri, columns)
+    if columns != foreign.ColumnChoice():
+        raise MnistRayError(f"--image-column, --id-column, --label-column and --image-shape are for Parquet input; "
+                            f"{uri} is {kind.kind}")
+    return kind(uri)

@@ -1,0 +1,572 @@
+"""train: image shards -> a Ray Train data-parallel TensorFlow job -> a versioned model dir.
+
+    shards --Ray Data: decode + normalize (preprocess)--> materialized train/val datasets
+           --TensorflowTrainer(train_loop_per_worker, MultiWorkerMirroredStrategy)-->
+           a checkpoint per epoch (RunConfig storage) --export--> MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from mnist_ray.formats import shards
+from mnist_ray.images import augment, preprocess, synthetic
+from mnist_ray.model import models
+from mnist_ray.plumbing import cluster, compat, gpu, lock, logs, storage
+from mnist_ray.errors import MnistRayError, raised_in_worker
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_BUCKETS = 10  # with no val split in the data, 1 id in 10 (by a stable hash) is held out
+# Recipe settings a model spec may set (models.register); not flags, since they belong to the model.
+RECIPE_DEFAULTS = {"weight_decay": 0.0, "warmup_epochs": 0, "label_smoothing": 0.0, "ema_momentum": None,
+                   # robustness (augment.py, synthetic.py): the share of training images shown as
+                   # a degraded picture, and printed digits (per class) added to the training set
+                   "degrade_rate": 0.0, "printed_per_class": 0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = field(default="out/mnist-sample/shards", metadata={"help": "image shards (mnist-ray prepare)"})
+    output: str = field(default="out/mnist-sample/model", metadata={"help": "the model dir to write"})
+    model: str = field(default="default", metadata={"help": "a registered model (--list-models)"})
+    epochs: int | None = field(default=None, metadata={"help": "epochs (default: the model's own)"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "global batch size, split over the workers (default: the model's own)"})
+    learning_rate: float | None = field(default=None, metadata={"help": "peak learning rate (default: the model's own)"})
+    augment: bool | None = field(default=None, metadata={"help": "random affine augmentation (default: the model's own)"})
+    width: float = field(default=1.0, metadata={
+        "help": "multiplier of every layer's units/filters (1.0: the registered model)"})
+    seed: int = field(default=0, metadata={"help": "seed of weights, shuffling and augmentation"})
+    workers: int = field(default=2, metadata={"help": "data-parallel Ray Train workers"})
+    cpus_per_worker: float | None = field(default=None, metadata={
+        "help": "CPUs reserved per worker (default: 1, less on a small cluster so data tasks keep a CPU)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
+    placement: str = field(default="PACK", metadata={
+        "help": "PACK (workers share nodes: fastest all-reduce) or SPREAD (one per node where it can: "
+                "a lost node takes one worker)"})
+    train_splits: str = field(default="train", metadata={
+        "help": "comma-separated splits to train on (e.g. train,val for a final model)"})
+    val_split: str = field(default="val", metadata={
+        "help": "split for validation; if the data has none, 10%% of train is held out by id"})
+    storage_path: str | None = field(default=None, metadata={
+        "help": "where Ray Train keeps checkpoints, local or s3:// (default: beside the output)"})
+    resume: bool = field(default=False, metadata={"help": "continue the interrupted run of this same config"})
+    max_failures: int = field(default=3, metadata={"help": "worker failures to recover from within a run"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing model dir and run"})
+    tflite: bool = field(default=True, metadata={"help": "export TFLite float32/float16/dynamic/int8 variants"})
+    list_models: bool = field(default=False, metadata={"help": "print the model registry and exit"})
+    address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
+    shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
+
+    PRESETS: ClassVar[dict] = {
+        "default": {},
+        "smoke": {"model": "cnn", "epochs": 2, "workers": 2, "batch_size": 64},
+    }
+
+    def resolved(self) -> "TrainConfig":
+        """The config with the model's own defaults filled in."""
+        spec = models.get_spec(self.model)
+        fill = {k: spec.defaults.get(k) for k in ("epochs", "batch_size", "learning_rate", "augment")
+                if getattr(self, k) is None}
+        cfg = dataclasses.replace(self, **fill)
+        if cfg.storage_path is None:
+            parent = posixpath.dirname(cfg.output.rstrip("/")) or "."
+            cfg = dataclasses.replace(cfg, storage_path=posixpath.join(parent, "train-runs"))
+        return cfg
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.width <= 0:
+            raise MnistRayError("--epochs, --batch-size, --learning-rate and --width must be positive")
+        if self.workers < 1:
+            raise MnistRayError("--workers must be at least 1")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise MnistRayError(f"--placement {self.placement!r}: choose PACK or SPREAD")
+        if self.batch_size < self.workers:
+            raise MnistRayError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
+
+    def run_name(self, data_fingerprint: str) -> str:
+        """Explicit and deterministic: the same data and settings name the same run (for --resume)."""
+        keys = ("model", "epochs", "batch_size", "learning_rate", "augment", "seed", "workers",
+                "train_splits", "val_split")
+        values = [data_fingerprint] + [getattr(self, k) for k in keys]
+        if self.width != 1.0:  # only then: runs named before the width knob keep their names
+            values.append(self.width)
+        # The model's recipe and the fonts its printed digits come from: a checkpoint of another
+        # recipe is never resumed as this one. Models without a recipe keep their names.
+        recipe = {key: _recipe(self.model, key) for key in RECIPE_DEFAULTS}
+        if recipe != RECIPE_DEFAULTS:
+            values += [recipe, preprocess.PREPROCESS_VERSION]
+        if recipe["printed_per_class"]:
+            values.append(list(synthetic.TRAIN_FONTS))
+        h = hashlib.sha256(json.dumps(values).encode())
+        return f"{self.model}-{h.hexdigest()[:12]}"
+
+
+# --- data (driver side, executed by Ray Data) ------------------------------------------------
+
+def assign_split(ids: list[str], splits: list[str | None], val_split: str, holdout: bool) -> np.ndarray:
+    """The split of every row; with ``holdout``, 1 train id in 10 (stable hash) becomes val."""
+    out = np.array([s if s is not None else "none" for s in splits], dtype=object)
+    if holdout:
+        bucket = np.array([zlib.crc32(i.encode()) % HOLDOUT_BUCKETS for i in ids])
+        out[(out == "train") & (bucket == 0)] = val_split
+    return out
+
+
+def decode_for_training(batch: pa.Table, keep: list[str], val_split: str, holdout: bool,
+                        variant_seed: int | None = None) -> pa.Table:
+    """Shard rows of the wanted splits -> normalized model input and int labels (and, with
+    ``variant_seed``, a degraded picture of every image: ``augment.degrade_batch``)."""
+    from ray.data.extensions import ArrowTensorArray
+
+    split = assign_split(batch["id"].to_pylist(), batch["split"].to_pylist(), val_split, holdout)
+    mask = np.isin(split, keep)
+    images = [b for b, m in zip(batch["image"].to_pylist(), mask) if m]
+    x = preprocess.to_model_input(images)
+    # An explicit tensor column: a batch with no wanted row must keep the same schema.
+    columns = {"image": ArrowTensorArray.from_numpy(x),
+               "label": pa.array(batch["label"].to_numpy(zero_copy_only=False)[mask].astype(np.int32))}
+    if variant_seed is not None:
+        ids = [i for i, m in zip(batch["id"].to_pylist(), mask) if m]
+        pixels = np.round(x[..., 0] * 255).astype(np.uint8)
+        columns["variant"] = ArrowTensorArray.from_numpy(preprocess.normalize(
+            augment.degrade_batch(pixels, ids, variant_seed)))
+    return pa.table(columns)
+
+
+def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool, variant_seed: int | None = None):
+    ds = shards.read_dataset(data, columns=["id", "image", "label", "split"])
+    return ds.map_batches(decode_for_training, batch_format="pyarrow", batch_size=512,
+                          fn_kwargs={"keep": keep, "val_split": val_split, "holdout": holdout,
+                                     "variant_seed": variant_seed})
+
+
+def printed_dataset(per_class: int, seed: int):
+    """Printed digits of synthetic.TRAIN_FONTS in the training schema (image, label, variant:
+    a second rendering), rendered here in the driver."""
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    images, labels = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed)
+    variants, _ = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed + 1)
+    return ray.data.from_arrow(pa.table({
+        "image": ArrowTensorArray.from_numpy(preprocess.normalize(images)), "label": pa.array(labels, pa.int32()),
+        "variant": ArrowTensorArray.from_numpy(preprocess.normalize(variants))}))
+
+
+def _recipe(model: str, key: str):
+    return models.get_spec(model).defaults.get(key, RECIPE_DEFAULTS[key])
+
+
+def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
+    """Train splits, whether val is held out of train, and the number of training rows."""
+    splits = manifest["splits"]
+    train_splits = [s.strip() for s in cfg.train_splits.split(",") if s.strip()]
+    for s in train_splits:
+        if splits.get(s, {}).get("rows", 0) == 0:
+            raise MnistRayError(f"{cfg.data} has no rows in split {s!r} (it has {sorted(splits)}): "
+                                "choose --train-splits from those")
+        if "none" in splits[s]["labels"]:
+            raise MnistRayError(f"{cfg.data}: split {s!r} has {splits[s]['labels']['none']} rows without "
+                                "labels; training needs labelled shards (class folders, IDX labels)")
+    holdout = cfg.val_split not in splits
+    if holdout and "train" not in train_splits:
+        raise MnistRayError(f"{cfg.data} has no {cfg.val_split!r} split: add one or train on 'train'")
+    rows = sum(splits[s]["rows"] for s in train_splits)
+    if holdout:
+        rows = int(rows * (1 - 1 / HOLDOUT_BUCKETS))
+    return train_splits, holdout, rows + 10 * _recipe(cfg.model, "printed_per_class")
+
+
+MIN_CPUS_PER_WORKER = 0.25
+
+
+def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
+    """CPUs per worker: 1, or less on a small cluster so Ray Data's tasks keep their reserve
+    (``compat.data_cpu_reserve``) and ``reserved`` CPUs held elsewhere (a Tune trial's) stay free.
+    Fails in seconds when the workers can never be placed."""
+    import ray
+
+    resources = ray.cluster_resources()
+    total = resources.get("CPU", 0)
+    if cfg.use_gpu and cfg.workers > resources.get("GPU", 0):
+        raise MnistRayError(f"{cfg.workers} GPU workers need {cfg.workers} GPUs but the cluster has "
+                            f"{resources.get('GPU', 0):g} and its autoscaler can add none: lower --workers "
+                            "or drop --use-gpu")
+    keep = compat.data_cpu_reserve() + reserved
+    if cfg.cpus_per_worker is not None:
+        need = cfg.cpus_per_worker
+    elif cfg.use_gpu:
+        # A GPU worker's input pipeline needs more than one core to keep its GPU busy: the CPUs
+        # its node has per GPU, less the data tasks' share.
+        per_gpu = gpu.cpus_per_gpu([n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        need = max(MIN_CPUS_PER_WORKER, math.floor((per_gpu - keep) * 20) / 20)
+    else:
+        need = min(1.0, math.floor((total - keep) / cfg.workers * 20) / 20)
+        need = max(need, MIN_CPUS_PER_WORKER)
+    if need * cfg.workers + keep > total:
+        raise MnistRayError(
+            f"{cfg.workers} workers need {need * cfg.workers:g} CPUs ({need:g} each) plus "
+            f"{keep:g} for data tasks, but the cluster has {total:g} CPUs: lower --workers "
+            "or --cpus-per-worker, or add nodes")
+    return need
+
+
+def gpus_for(cfg: TrainConfig):
+    """With --use-gpu on a cluster short of GPUs that its autoscaler can add: a context that asks
+    for one GPU (and the worker's CPUs) per worker, waits for them, and withdraws the request."""
+    if not cfg.use_gpu:
+        return contextlib.nullcontext()
+    bundles = [{"GPU": 1, "CPU": cfg.cpus_per_worker or 1}] * cfg.workers
+    return gpu.gpus_for(bundles, cfg.workers, gpu.gpus_the_cluster_can_get())
+
+
+GPU_MIN_BATCH_PER_WORKER = 128
+
+
+def warn_small_gpu_batches(cfg: TrainConfig) -> None:
+    """--batch-size is global: split over many GPUs it can leave each one a few images a step."""
+    per_gpu = cfg.batch_size // cfg.workers
+    if cfg.use_gpu and per_gpu < GPU_MIN_BATCH_PER_WORKER:
+        log.warning("each GPU gets %d images a step (--batch-size %d over %d workers): a GPU is mostly idle "
+                    "below ~%d; consider --batch-size %d and a learning rate scaled with it", per_gpu,
+                    cfg.batch_size, cfg.workers, GPU_MIN_BATCH_PER_WORKER, GPU_MIN_BATCH_PER_WORKER * cfg.workers)
+
+
+# --- the training loop (runs inside every Ray Train worker) ------------------------------------
+
+augment_batch = augment.affine_batch  # the per-batch affine augmentation (its home: augment.py)
+
+
+def build_optimizer(config: dict):
+    """AdamW: an optional linear warmup, then cosine decay to 0 (the weight EMA is WeightEMA)."""
+    k = models.keras()
+    steps = config["steps_per_epoch"]
+    warmup = config["warmup_epochs"] * steps
+    decay = max(config["epochs"] * steps - warmup, 1)
+    lr = config["learning_rate"]
+    if warmup:
+        schedule = k.optimizers.schedules.CosineDecay(lr / 10, decay, alpha=0.0, warmup_target=lr,
+                                                      warmup_steps=warmup)
+    else:
+        schedule = k.optimizers.schedules.CosineDecay(lr, decay, alpha=0.0)
+    # Not the optimizer's own EMA: Model.fit copies it into the weights at the end of every
+    # fit() call, i.e. every epoch here, and it leaves BatchNorm statistics out.
+    return k.optimizers.AdamW(schedule, weight_decay=config["weight_decay"])
+
+
+class WeightEMA:
+    """Exponential moving average of all weights, BatchNorm statistics included, kept across
+    epochs and checkpoints; the exported model is the average.
+
+    The shadow weights are variables beside the model's (on its GPU when it has one), moved by
+    one compiled update per step: nothing crosses to the host but once an epoch (``state``).
+    """
+
+    def __init__(self, model, decay: float, state: dict | None = None):
+        import tensorflow as tf
+
+        self.model, self.decay = model, decay
+        values = [state[f"w{i}"] for i in range(len(state) - 1)] if state is not None else \
+            [w.value() for w in model.weights]
+        self.shadow = [tf.Variable(tf.cast(v, w.dtype), trainable=False, name=f"ema_{i}")
+                       for i, (v, w) in enumerate(zip(values, model.weights))]
+        self._steps = tf.Variable(int(state["steps"]) if state is not None else 0, dtype=tf.int64,
+                                  trainable=False, name="ema_steps")
+        self._update = tf.function(self._update_step)
+
+    def _update_step(self) -> None:
+        import tensorflow as tf
+
+        self._steps.assign_add(1)
+        steps = tf.cast(self._steps, tf.float32)
+        d = tf.minimum(self.decay, (1.0 + steps) / (10.0 + steps))  # warm up from the start
+        for s, w in zip(self.shadow, self.model.weights):
+            s.assign(s * tf.cast(d, s.dtype) + w.value() * tf.cast(1.0 - d, s.dtype))
+
+    @property
+    def steps(self) -> int:
+        return int(self._steps.numpy())
+
+    def update(self) -> None:
+        self._update()
+
+    def callback(self):
+        return models.keras().callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: self.update())
+
+    def state(self) -> dict:
+        """The average as numpy arrays, for a checkpoint."""
+        return {"steps": np.array(self.steps), **{f"w{i}": s.numpy() for i, s in enumerate(self.shadow)}}
+
+    def apply(self) -> None:
+        for w, s in zip(self.model.weights, self.shadow):
+            w.assign(s)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One data-parallel worker: build or restore the model, train epoch by epoch, report."""
+    import ray.train
+    import tensorflow as tf
+
+    # As many TF threads as CPUs reserved: two workers sharing two cores with TF's default
+    # (a thread per core each) oversubscribe them and slow every collective step.
+    threads = max(1, int(config["cpus_per_worker"]))
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    compat.without_device_autotune()
+    k = models.keras()
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    use_gpu = config.get("use_gpu", False)
+    if use_gpu:
+        gpu.check_tf_sees_gpu()  # a GPU worker on the CPU would train, slowly, without a word
+    # NCCL between GPU workers, ring between CPU workers; one all-reduce for all gradients.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=gpu.communication_options(use_gpu))
+    checkpoint = ray.train.get_checkpoint()
+    history: list[dict] = []
+    ema_state = None
+    with strategy.scope():
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                model = k.models.load_model(os.path.join(d, "model.keras"))
+                with open(os.path.join(d, "state.json")) as f:
+                    history = json.load(f)["history"]
+                if os.path.exists(os.path.join(d, "ema.npz")):
+                    with np.load(os.path.join(d, "ema.npz")) as z:
+                        ema_state = dict(z)
+        else:
+            model = models.create_model(config["model"], seed=config["seed"], width=config.get("width", 1.0))
+            model.compile(optimizer=build_optimizer(config),
+                          loss=k.losses.CategoricalCrossentropy(label_smoothing=config["label_smoothing"]),
+                          metrics=["accuracy"])
+    ema = WeightEMA(model, config["ema_momentum"], ema_state) if config["ema_momentum"] else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    start_epoch = len(history)
+    if start_epoch and rank == 0:
+        print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
+    for epoch in range(start_epoch, config["epochs"]):  # never past the requested count
+        started = time.perf_counter()
+        # drop_last: a tiny last batch would drag BatchNorm's moving variance towards 0.
+        offset = (config["seed"] * 1000 + epoch) * 100_000 + rank * 10_000
+        rate = config["degrade_rate"]
+        if rate or config["printed_per_class"]:
+            # Each image, or (with probability `rate`, new every epoch) its degraded picture.
+            ds = train_shard.to_tf(["image", "variant"], "label", batch_size=config["batch_size"], drop_last=True,
+                                   local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
+            ds = ds.enumerate().map(lambda i, xy: (augment.pick_variants(
+                xy[0]["image"], xy[0]["variant"], tf.stack([tf.constant(offset + 5000, tf.int64), i]), rate), xy[1]))
+        else:
+            ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
+                                   local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
+        if config["augment"]:
+            ds = ds.enumerate().map(
+                lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        ds = compat.without_autotune(ds.prefetch(tf.data.AUTOTUNE))  # a GPU step is short: keep batches ready
+        steps_before = int(model.optimizer.iterations.numpy())
+        callbacks = [compat.mmap_threshold_callback(), *([ema.callback()] if ema else [])]
+        fit = model.fit(ds, epochs=1, verbose=0, callbacks=callbacks)
+        seconds = time.perf_counter() - started
+        steps = int(model.optimizer.iterations.numpy()) - steps_before
+        last = epoch + 1 == config["epochs"]
+        if last and ema:
+            ema.apply()  # the model to keep is the average; earlier epochs validate raw weights
+        val_ds = val_shard.to_tf("image", "label", batch_size=1024)
+        val_ds = compat.without_autotune(val_ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES))))
+        val = model.evaluate(val_ds, verbose=0, return_dict=True)
+        metrics = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]),
+                   "accuracy": float(fit.history["accuracy"][-1]),
+                   "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
+                   "steps": steps, "seconds": round(seconds, 2), "resumed_at_epoch": start_epoch,
+                   "images_per_s": round(config["train_rows"] / seconds, 1)}
+        history.append(metrics)
+        if rank == 0:
+            print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.4f} "
+                  f"acc {metrics['accuracy']:.4f} val_acc {metrics['val_accuracy']:.4f} "
+                  f"{metrics['images_per_s']:.0f} img/s ({steps} steps)", flush=True)
+        # Every worker saves (MultiWorkerMirroredStrategy expects it); rank 0's copy is kept.
+        with tempfile.TemporaryDirectory() as d:
+            model.save(os.path.join(d, "model.keras"))
+            with open(os.path.join(d, "state.json"), "w") as f:
+                json.dump({"history": history}, f)
+            if ema and not last:
+                np.savez(os.path.join(d, "ema.npz"), **ema.state())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+def print_model_table() -> list[dict]:
+    rows = models.list_models()
+    print(f"{'model':<14}{'params':>12}  description")
+    for r in rows:
+        print(f"{r['name']:<14}{r['params']:>12,}  {r['description']}")
+    return rows
+
+
+def _prepare_run_storage(cfg: TrainConfig, name: str) -> storage.Location:
+    """The checkpoint storage; refuses to silently reuse (or silently ignore) an earlier run."""
+    loc = storage.resolve(cfg.storage_path)
+    try:
+        exists = loc.fs.get_file_info(loc.join(name)).type != pafs.FileType.NotFound
+        if cfg.resume and not exists:
+            raise MnistRayError(f"nothing to resume: no run {name} in {cfg.storage_path} for this data "
+                                "and these settings; drop --resume to start a new run")
+        if exists and not cfg.resume:
+            if not cfg.overwrite:
+                raise MnistRayError(f"run {name} already exists in {cfg.storage_path}: pass --resume to "
+                                    "continue it, or --overwrite to start over")
+            loc.fs.delete_dir(loc.join(name))
+        loc.fs.create_dir(loc.path, recursive=True)
+    except OSError as e:
+        raise MnistRayError(storage.describe_error(e, cfg.storage_path)) from e
+    return loc
+
+
+def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
+    """The materialized (train, val) datasets: decoded once, for every epoch (and every trial of
+    a search)."""
+    # Materialized up front: small, and the workers then never wait on read tasks for a CPU.
+    # Shuffled once across the whole set: shards are often sorted by label, and a worker whose
+    # share holds half the classes computes skewed BatchNorm statistics.
+    # In order: Ray Data otherwise hands blocks on as their tasks finish, so the seeded shuffle
+    # would permute a different order in every run, and the same seed would train another model.
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        degrade, printed = _recipe(cfg.model, "degrade_rate"), _recipe(cfg.model, "printed_per_class")
+        train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout,
+                                  variant_seed=cfg.seed if degrade or printed else None)
+        if printed:
+            train_ds = train_ds.union(printed_dataset(printed, cfg.seed))
+        train_ds = train_ds.random_shuffle(seed=cfg.seed).materialize()
+        val_ds = _split_dataset(cfg.data, [cfg.val_split], cfg.val_split, holdout).materialize()
+    finally:
+        options.preserve_order = previous
+    if val_ds.count() == 0:
+        raise MnistRayError(f"the {cfg.val_split!r} split of {cfg.data} is empty")
+    return train_ds, val_ds
+
+
+def loop_config(cfg: TrainConfig, train_rows: int, cpus: float) -> dict:
+    """What ``train_loop_per_worker`` is given: the resolved settings and the model's recipe."""
+    spec = models.get_spec(cfg.model)
+    return {
+        "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate, "augment": cfg.augment, "width": cfg.width, "seed": cfg.seed,
+        "steps_per_epoch": train_rows // cfg.batch_size, "train_rows": train_rows, "cpus_per_worker": cpus,
+        "use_gpu": cfg.use_gpu,
+        **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
+    }
+
+
+def make_trainer(cfg: TrainConfig, config: dict, datasets: dict, *, name: str, run_loc: storage.Location,
+                 callbacks: list | None = None, checkpoint_config=None):
+    """The TensorflowTrainer of one run (also built inside every trial of `mnist-ray tune`)."""
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+
+    return TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": config["cpus_per_worker"]},
+            placement_strategy=cfg.placement),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=run_loc.path, storage_filesystem=run_loc.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks),
+        datasets=datasets,
+    )
+
+
+def export_checkpoint(checkpoint, cfg: TrainConfig, *, output: str, manifest: dict, datasets: dict,
+                      run_name: str, train_seconds: float, overwrite: bool) -> tuple[dict, list[dict]]:
+    """Export a training checkpoint as a model dir at ``output``: (export summary, history)."""
+    from mnist_ray.model import export
+
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
+        summary = export.export(
+            os.path.join(d, "model.keras"), output, history=history, manifest=manifest,
+            val_dataset=datasets["val"], calibration_dataset=datasets["train"],
+            train_config=dataclasses.asdict(cfg), run_name=run_name, train_seconds=train_seconds,
+            tflite=cfg.tflite, overwrite=overwrite)
+    return summary, history
+
+
+def epochs_done(runs_uri: str, run_name: str, epochs: int):
+    """Training progress read from the run's newest checkpoint: (epochs done, epochs, "epoch")."""
+    def progress():
+        loc = storage.resolve(runs_uri)
+        names = sorted(i.base_name for i in loc.fs.get_file_info(pafs.FileSelector(loc.join(run_name)))
+                       if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+        if not names:
+            return 0, epochs, "epoch"
+        state = storage.read_json(storage.resolve(loc.uri_of(f"{run_name}/{names[-1]}")), "state.json")
+        return len(state["history"]), epochs, "epoch"
+    return progress
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` with Ray Train and export it to ``cfg.output``."""
+    cluster.configure_process_env()
+    if cfg.list_models:
+        return {"models": len(print_model_table())}
+    cfg = cfg.resolved()
+    cfg.validate()
+    _, manifest = shards.open_shards(cfg.data)
+    train_splits, holdout, train_rows = check_data(cfg, manifest)
+    from mnist_ray.model import export
+
+    with lock.output_lock(cfg.output, beside=True):  # a model dir is replaced whole
+        export.check_output(cfg.output, overwrite=cfg.overwrite)
+        name = cfg.run_name(manifest["fingerprint"])
+        run_loc = _prepare_run_storage(cfg, name)
+        cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
+        warn_small_gpu_batches(cfg)
+
+        import ray.train
+
+        with gpus_for(cfg):  # scale from zero: GPU nodes are asked for, not refused
+            cpus = cpus_per_worker(cfg)
+            started = time.perf_counter()
+            train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+            datasets = {"train": train_ds, "val": val_ds}
+            trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
+            try:
+                with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
+                    result = trainer.fit()
+            except ray.train.TrainingFailedError as e:
+                reason = raised_in_worker(e) or str(e).splitlines()[0].rstrip(":")  # a worker's own sentence
+                raise MnistRayError(f"training failed after {cfg.max_failures} retries: {reason}; "
+                                    f"rerun with --resume to continue from the last epoch (run {name})") from e
+        train_seconds = time.perf_counter() - started
+        summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
+                                             datasets=datasets, run_name=name, train_seconds=train_seconds,
+                                             overwrite=cfg.overwrite)
+        return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
+                "train_seconds": round(train_seconds, 1), **summary}

@@ -1,0 +1,61 @@
+"""Inference's inputs behind one interface: shards and image folders, then their Ray datasets."""
+
+import threading
+
+import pyarrow as pa
+import pytest
+
+from mnist_ray.formats import shards
+from mnist_ray.inputs import sources
+from mnist_ray.errors import MnistRayError
+
+
+def test_an_image_folder_describes_samples_and_digests_its_files_without_ray(digit_folder):
+    root, good = digit_folder
+    source = sources.open_source(str(root))
+    assert isinstance(source, sources.ImageFolderSource)
+    files = len(good) + 2  # the corrupt and the truncated file are inputs too
+    assert source.describe() == {"kind": "images", "uri": str(root), "files": files, "rows": files,
+                                 "fingerprint": source.fingerprint}
+    assert source.resume_key == "path" and source.scheme == ""
+    sample = source.sample()
+    assert sample.num_rows == sources.SAMPLE_ROWS and set(sample.column_names) >= {"id", "image", "label", "path"}
+    expected = shards.IdDigest()
+    expected.add(pa.array(sorted([*good, "3/broken.png", "5/truncated.jpg"]), pa.string()))
+    assert source.digest(threading.Event()) == expected
+    with pytest.raises(MnistRayError, match="no folder"):
+        sources.open_source(str(root / "nothing-here"))
+
+
+def test_shards_are_claimed_by_their_manifest_and_read_by_it(ray_local, small_shards):
+    source = sources.open_source(small_shards)
+    assert isinstance(source, sources.ShardSource) and source.resume_key == "id"
+    table = shards.read_table(small_shards)
+    assert source.describe()["rows"] == table.num_rows and source.describe()["kind"] == "shards"
+    assert source.columns() == ["id", "pixels", "label", "path"]  # schema 2: stored pixels, no decode
+    assert source.sample().column_names == source.columns()
+    expected = shards.IdDigest()
+    expected.add(table["id"])
+    assert source.digest(threading.Event()) == expected
+    stopped = threading.Event()
+    stopped.set()
+    assert source.digest(stopped) is None  # a failed run does not wait for the digest
+    ds = source.dataset(read_cpus=0.25)
+    assert ds.count() == table.num_rows and ds.columns() == source.columns()
+
+
+def test_an_image_folder_dataset_yields_shard_like_rows(ray_local, digit_folder):
+    root, good = digit_folder
+    source = sources.open_source(str(root))
+    rows = source.dataset(read_cpus=0.25).take_all()
+    assert len(rows) == source.rows
+    by_id = {r["id"]: r for r in rows}
+    assert all(by_id[k]["label"] == v for k, v in good.items())
+    assert by_id["loose.png"]["path"] == str(root / "loose.png")
+
+
+def test_every_kind_implements_the_interface():
+    for kind in sources.KINDS:
+        for method in ("claims", "sample", "digest", "dataset"):
+            assert getattr(kind, method) is not getattr(sources.Source, method), f"{kind.__name__}.{method}"
+    assert sources.KINDS[-1].claims("anything")  # the catch-all is last
