@@ -9,11 +9,12 @@ OUT    ?= out
 install: $(VENV)/.installed
 
 # Reinstall when the dependencies change; the lock pins every package that was tested.
+# The package itself with -qq: setuptools' notes on how an editable install works are not output.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install -qq --no-deps -e .
 	touch $@
 
 # The main job end to end on data that needs no network: shards of 5,000 real MNIST digits ->

@@ -1,6 +1,7 @@
 """The docs cannot rot: every `mnist-ray` command line in the README and docs/ parses with the
 real command-line parser, and the quick start is what `make` and CI actually run."""
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -104,5 +105,39 @@ def test_the_quick_start_is_what_make_and_ci_run():
 
 def test_no_tracked_text_points_outside_the_repository():
     outside = ".." + "/shared"  # the folder beside the repo that a clone elsewhere does not have
-    for path in [*DOCS, ROOT / "Makefile", *ROOT.glob("mnist_ray/**/*.py"), *ROOT.glob("tests/*.py")]:
+    for path in [*DOCS, ROOT / "Makefile", *ROOT.glob("mnist_ray/**/*.py"), *ROOT.glob("tests/**/*.py")]:
         assert outside not in path.read_text(), path
+
+
+def _modules() -> dict[str, str]:
+    """Every module of the package by its path (`mnist_ray/inputs/datasets.py`): its dotted name."""
+    return {str(p.relative_to(ROOT)): ".".join(p.relative_to(ROOT).with_suffix("").parts)
+            for p in sorted((ROOT / "mnist_ray").rglob("*.py")) if p.name != "__init__.py"}
+
+
+def test_the_module_map_lists_every_module_and_only_modules_that_exist():
+    text = (ROOT / "docs" / "modules.md").read_text()
+    listed = set(re.findall(r"`(mnist_ray/[\w/]+\.py)`", text))
+    assert set(_modules()) - listed == set(), "modules missing from docs/modules.md"
+    assert listed - set(_modules()) == set(), "docs/modules.md names modules that do not exist"
+
+
+# Spans shaped like `module.name` that name another library's API, not one of ours.
+OTHER_LIBRARIES = {"datasets.load_dataset", "serve.start"}
+
+
+def test_every_module_attribute_the_docs_name_exists():
+    by_name: dict[str, list[str]] = {}
+    for dotted in _modules().values():
+        by_name.setdefault(dotted.rsplit(".", 1)[1], []).append(dotted)
+    missing = []
+    for path in DOCS:
+        for span in INLINE.findall(path.read_text()):
+            m = re.fullmatch(r"(\w+)\.([A-Za-z_]\w*)(?:\.\w+)?(?:\(.*\))?", span)
+            if not m or m.group(1) not in by_name or m.group(2) in ("py", "md", "yaml", "json"):
+                continue
+            if f"{m.group(1)}.{m.group(2)}" in OTHER_LIBRARIES:
+                continue
+            if not any(hasattr(importlib.import_module(d), m.group(2)) for d in by_name[m.group(1)]):
+                missing.append(f"{path.name}: `{span}`")
+    assert missing == []

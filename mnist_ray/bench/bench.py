@@ -522,11 +522,11 @@ def format_report(report: dict) -> str:
 
         lines += loadtest.format_table(report["serving"])
     if report.get("submit"):
-        from mnist_ray.bench.bench import fixedcost
+        from mnist_ray.bench import fixedcost
 
         lines += fixedcost.format_table(report["submit"])
     if report.get("resume"):
-        from mnist_ray.bench.bench import resumecost
+        from mnist_ray.bench import resumecost
 
         lines += resumecost.format_table(report["resume"])
     if report.get("training"):
@@ -603,11 +603,11 @@ def run(cfg: BenchConfig) -> dict:
     if "serve" in parts:
         report["serving"] = serving(cfg, _model_dir(cfg, cfg.serve_model, train_data, work), seed, work)
     if "submit" in parts:
-        from mnist_ray.bench.bench import fixedcost
+        from mnist_ray.bench import fixedcost
 
         report["submit"] = fixedcost.measure(_model_dir(cfg, cfg.submit_model, train_data, work), seed_uri, work)
     if "resume" in parts:
-        from mnist_ray.bench.bench import resumecost
+        from mnist_ray.bench import resumecost
 
         n = cfg.resume_size
         data = os.path.join(work, "data", f"n{n}")

@@ -92,7 +92,7 @@ def _wait_gone(pgid: int, timeout: float = 30) -> None:
 def measure(model_dir: str, data: str, n: int, runtime: str, work: str, at: float = 0.5) -> dict:
     """A run of ``data`` (``n`` rows) killed once ``at`` of its rows are checkpointed, then the same
     command again: the figures of the rerun (memory peaks sampled like the infer part's)."""
-    from mnist_ray.bench.bench import bench
+    from mnist_ray.bench import bench
 
     out = os.path.join(work, "resumed")
     # At least ten checkpoint commits, so the kill lands mid-run even on a small N.

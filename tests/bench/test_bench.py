@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_ray.bench.bench import bench
+from mnist_ray.bench import bench
 from mnist_ray.formats import shards
 from mnist_ray.bench.bench import BenchConfig
 from mnist_ray.errors import MnistRayError
