@@ -5,7 +5,7 @@
       the memory peaks of the rerun, and the output checked row by row against the input
 
 Ray Data's checkpoint filter holds every checkpointed id in memory while the rerun reads the
-input (``compat.hashed_checkpoint_classes`` keeps them as 8-byte hashes): the peaks of the
+input (``inference.checkpoint.hashed_checkpoint_classes`` keeps them as 8-byte hashes): the peaks of the
 rerun, against a run that starts afresh, are what a resumed run of N images costs a node.
 The kill is a crash, not a Ctrl-C: nothing gets to clean up.
 """
