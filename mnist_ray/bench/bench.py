@@ -125,11 +125,8 @@ class BenchConfig:
 
         for m in self.model_list() + [self.train_model, self.serve_model, self.submit_model]:
             models.get_spec(m)
-        asked = self.runtimes.split(",") + self.scaling_runtimes.split(",") + [self.resume_runtime]
-        unknown = set(asked) - set(runtimes.RUNTIME_FILES)
-        if unknown:
-            raise MnistRayError(f"unknown runtime {sorted(unknown)}: choose from "
-                                f"{', '.join(runtimes.RUNTIME_FILES)}")
+        for runtime in self.runtimes.split(",") + self.scaling_runtimes.split(",") + [self.resume_runtime]:
+            runtimes.check_name(runtime, tuple(runtimes.RUNTIME_FILES))
         if not set(self.part_list()) <= set(PARTS) or not self.part_list():
             raise MnistRayError(f"--parts {self.parts!r}: choose from {', '.join(PARTS)}")
         if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests,
