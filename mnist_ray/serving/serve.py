@@ -259,7 +259,7 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
     import ray
     from ray import serve
 
-    from mnist_ray.serving.serve_app import STATS_EVERY_S, STATS_NAMESPACE, ServeStats
+    from mnist_ray.serving.stats import STATS_EVERY_S, STATS_NAMESPACE, ServeStats
 
     gpus = _gpus(cfg)
     # Serve's driver-side messages ("Started Serve", "Deploying app") follow the quiet default too.
