@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 
 from mnist_ray import __version__, config
 from mnist_ray.plumbing import cluster, logs
-from mnist_ray.errors import MnistRayError
+from mnist_ray.errors import raised_in_worker
 
 # subcommand -> (module, config class, one-line description). Modules load only when used,
 # so `mnist-ray --help` does not import Ray or TensorFlow.
@@ -69,15 +68,6 @@ def command_parser(name: str):
     return parser, module, getattr(module, cls_name)
 
 
-def _user_error(e: BaseException) -> MnistRayError | None:
-    """The project error behind ``e``, also when a Ray task raised it in a worker."""
-    while e is not None:
-        if isinstance(e, MnistRayError):
-            return e
-        e = getattr(e, "cause", None) or e.__cause__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="mnist-ray: %(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mnist_ray").setLevel(logging.INFO)
@@ -100,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist-ray {top.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - user errors get one line, bugs a traceback
-        user = _user_error(e)
+        user = raised_in_worker(e)
         if user is None:
             raise
         print(f"mnist-ray {top.command}: error: {user}", file=sys.stderr)

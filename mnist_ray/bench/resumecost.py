@@ -5,7 +5,7 @@
       the memory peaks of the rerun, and the output checked row by row against the input
 
 Ray Data's checkpoint filter holds every checkpointed id in memory while the rerun reads the
-input (``compat.hashed_checkpoint_classes`` keeps them as 8-byte hashes): the peaks of the
+input (``inference.checkpoint.hashed_checkpoint_classes`` keeps them as 8-byte hashes): the peaks of the
 rerun, against a run that starts afresh, are what a resumed run of N images costs a node.
 The kill is a crash, not a Ctrl-C: nothing gets to clean up.
 """
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from mnist_ray.bench.work import run_command
 from mnist_ray.formats import predictions
 from mnist_ray.errors import MnistRayError
 
@@ -92,8 +93,6 @@ def _wait_gone(pgid: int, timeout: float = 30) -> None:
 def measure(model_dir: str, data: str, n: int, runtime: str, work: str, at: float = 0.5) -> dict:
     """A run of ``data`` (``n`` rows) killed once ``at`` of its rows are checkpointed, then the same
     command again: the figures of the rerun (memory peaks sampled like the infer part's)."""
-    from mnist_ray.bench import bench
-
     out = os.path.join(work, "resumed")
     # At least ten checkpoint commits, so the kill lands mid-run even on a small N.
     argv = ["--model", model_dir, "--input", data, "--output", out, "--runtime", runtime,
@@ -102,7 +101,7 @@ def measure(model_dir: str, data: str, n: int, runtime: str, work: str, at: floa
              " ".join(argv), 100 * at, f"{n:,}")
     killed_at, first_seconds = interrupted_run([*argv, "--overwrite"], out, max(1, int(n * at)),
                                                timeout=max(600.0, n / 1000), log_path=os.path.join(work, "killed.log"))
-    summary, wall, memory = bench._command("infer", *argv, sample_memory=True)
+    summary, wall, memory = run_command("infer", *argv, sample_memory=True)
     ids = predictions.read_predictions(out, columns=["id"])["id"]
     distinct = len(ids.unique())
     if summary["rows"] != n or len(ids) != n or distinct != n:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from mnist_ray.images import preprocess, synthetic
+from mnist_ray.images import measured_photos, preprocess, synthetic
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster
 from mnist_ray.errors import MnistRayError
@@ -188,46 +188,9 @@ def measure_fonts(spec: str) -> tuple[list[str], dict[str, list[str]]]:
     return keep, left_out
 
 
-def photo_of(digit: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A phone photo of a 28x28 digit written on paper: JPEG, stored sideways with an EXIF
-    orientation that turns it upright, as phones do."""
-    side = int(rng.integers(200, 480))
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    # Paper: a tint, fibres (noise at a few scales), light falling off across the page.
-    paper = rng.uniform(175, 235) + rng.uniform(-35, 35) * (xx - 0.5) + rng.uniform(-35, 35) * (yy - 0.5)
-    paper -= rng.uniform(0, 30) * ((xx - rng.uniform(0, 1)) ** 2 + (yy - rng.uniform(0, 1)) ** 2)  # a vignette
-    for scale in (4, 16):
-        grain = rng.normal(0, 1, (side // scale + 1, side // scale + 1)).astype(np.float32)
-        paper += rng.uniform(1, 5) * np.asarray(Image.fromarray(grain, "F").resize((side, side), Image.Resampling.BICUBIC))
-    size = int(side * rng.uniform(0.35, 0.75))
-    ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC).rotate(
-        rng.uniform(-10, 10), resample=Image.Resampling.BICUBIC)
-    ink = np.asarray(ink, np.float32) / 255
-    top, left = (int(rng.integers(0, side - size + 1)) for _ in range(2))
-    page = paper.copy()
-    page[top:top + size, left:left + size] *= 1 - rng.uniform(0.55, 0.9) * ink
-    page += rng.normal(0, rng.uniform(2, 7), page.shape)
-    rgb = np.clip(page[..., None] * rng.uniform(0.85, 1.0, 3), 0, 255).astype(np.uint8)
-    image = Image.fromarray(rgb)
-    # A slight perspective: the phone not quite parallel to the page.
-    d = side * 0.06
-    quad = [rng.uniform(0, d), rng.uniform(0, d), rng.uniform(0, d), side - rng.uniform(0, d),
-            side - rng.uniform(0, d), side - rng.uniform(0, d), side - rng.uniform(0, d), rng.uniform(0, d)]
-    image = image.transform((side, side), Image.Transform.QUAD, quad, Image.Resampling.BILINEAR)
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.8)))
-    orientation = int(rng.choice([1, 3, 6, 8]))
-    stored = {1: image, 3: image.transpose(Image.Transpose.ROTATE_180),
-              6: image.transpose(Image.Transpose.ROTATE_90), 8: image.transpose(Image.Transpose.ROTATE_270)}[orientation]
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    stored.save(buf, format="JPEG", quality=int(rng.integers(55, 92)), exif=exif)
-    return buf.getvalue()
-
-
 def photos_set(n: int) -> tuple[list[bytes], np.ndarray]:
     images, labels = mnist_test_arrays()
-    return ([photo_of(images[i], np.random.default_rng([17, zlib.crc32(str(i).encode())])) for i in range(n)],
+    return ([measured_photos.phone_photo(images[i], np.random.default_rng([17, zlib.crc32(str(i).encode())])) for i in range(n)],
             labels[:n])
 
 

@@ -9,14 +9,13 @@ normalisation inference applies, so the model learns what real inputs look like 
 
 from __future__ import annotations
 
-import io
 import math
 import zlib
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from mnist_ray.images import preprocess
+from mnist_ray.images import photos, preprocess
 
 KINDS = ("low-resolution", "thick", "blurred", "photo")
 
@@ -68,21 +67,14 @@ def blurred(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def photo(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A small phone photo of the digit: tinted paper under uneven light, dark ink, slightly
-    turned, noisy, blurred, JPEG-compressed, then decoded as inference decodes."""
+    turned, noisy, blurred, JPEG-compressed, then decoded as inference decodes. (Robustness
+    measures on photos of another make: ``measured_photos``.)"""
     side = int(rng.integers(56, 129))
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    page = rng.uniform(150, 240) + rng.uniform(-30, 30) * (xx - 0.5) + rng.uniform(-30, 30) * (yy - 0.5)
-    size = int(side * rng.uniform(0.45, 0.85))
-    ink = Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC)
-    ink = np.asarray(ink.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR), np.float32) / 255
-    top, left = (int(rng.integers(0, side - size + 1)) for _ in range(2))
-    page[top:top + size, left:left + size] *= 1 - rng.uniform(0.5, 0.85) * ink
-    page += rng.normal(0, rng.uniform(2, 8), page.shape)
-    rgb = np.clip(page[..., None] * rng.uniform(0.85, 1.0, 3), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))).save(
-        buf, format="JPEG", quality=int(rng.integers(50, 92)))
-    return preprocess.decode_for_model(buf.getvalue())
+    page = photos.lit_paper(rng, side, (150, 240), 30)
+    photos.ink(page, digit, rng, size=(0.45, 0.85), turn_deg=8, darkness=(0.5, 0.85))
+    image = Image.fromarray(photos.sensor_rgb(page, rng, noise=(2, 8)))
+    return preprocess.decode_for_model(photos.jpeg(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))),
+                                                   rng, (50, 92)))
 
 
 def degrade(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -41,6 +41,7 @@ from mnist_ray.formats import predictions, shards
 from mnist_ray.inputs import foreign, sources
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster, compat, gpu, lock, storage
+from mnist_ray.inference import checkpoint
 from mnist_ray.inference import plan as planning
 from mnist_ray.errors import MnistRayError, raised_in_worker
 from mnist_ray.inference.predictor import PredictorActor, Progress, ProgressLines, prepare_rows
@@ -157,7 +158,7 @@ def run(cfg: InferConfig) -> dict:
             progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
             try:
                 scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
-                scored.context.checkpoint_config = compat.checkpoint_config(
+                scored.context.checkpoint_config = checkpoint.checkpoint_config(
                     source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
                 seconds, timing = execute(scored, plan, loc.join(work, "data"), loc, cfg, progress,
                                           todo=source.rows - plan.resumed_rows)

@@ -12,14 +12,21 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from mnist_ray.model import runtimes
-from mnist_ray.plumbing import compat
+from mnist_ray.plumbing import cluster, compat
 from mnist_ray.errors import MnistRayError
 
-if TYPE_CHECKING:
-    from mnist_ray.inference.infer import InferConfig
+
+class PlanFlags(Protocol):
+    """The flags of a run that its plan reads (``infer.InferConfig`` has them)."""
+    actors: str
+    runtime: str
+    batch_size: int | None
+    cpus_per_actor: float
+    gpus_per_actor: float
+    require_gpu: bool
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +76,7 @@ class Plan:
 
 def parse_actors(actors: str) -> tuple[int, int]:
     """``N`` or ``MIN..MAX`` -> (min, max) pool size."""
-    return parse_range(actors, "--actors")
-
-
-def parse_range(text: str, flag: str) -> tuple[int, int]:
-    """A flag's ``N`` or ``MIN..MAX`` (actors, replicas) -> (min, max), both at least 1."""
-    try:
-        low, _, high = text.partition("..")
-        lo, hi = int(low), int(high or low)
-    except ValueError:
-        raise MnistRayError(f"{flag} {text!r}: give N or MIN..MAX, e.g. 1..4") from None
-    if not 1 <= lo <= hi:
-        raise MnistRayError(f"{flag} {text!r}: need 1 <= MIN <= MAX")
-    return lo, hi
+    return cluster.parse_range(actors, "--actors")
 
 
 def default_batch_size(runtime: str) -> int:
@@ -89,14 +84,12 @@ def default_batch_size(runtime: str) -> int:
     return 4096 if runtime == "tf" else 1024
 
 
-def choose_runtime(cfg: InferConfig, model_dir: str, on_gpu: bool) -> tuple[str, str]:
-    """The runtime the actors load, and why: the one given, or ``runtimes.resolve``'s for auto."""
-    if cfg.runtime != runtimes.AUTO:
-        return cfg.runtime, f"--runtime {cfg.runtime}"
-    return runtimes.resolve(model_dir, on_gpu)
+def choose_runtime(cfg: PlanFlags, model_dir: str, on_gpu: bool) -> tuple[str, str]:
+    """The runtime the actors load, and why (``runtimes.choose``)."""
+    return runtimes.choose(cfg.runtime, model_dir, on_gpu)
 
 
-def make(cfg: InferConfig, resources: dict, model_dir: str,
+def make(cfg: PlanFlags, resources: dict, model_dir: str,
          resumed_rows: Callable[[str], int] = lambda runtime: 0, autoscaler_gpus: float = 0.0) -> Plan:
     """The plan for ``cfg`` on a cluster with ``resources`` (``ray.cluster_resources()``) whose
     autoscaler can add ``autoscaler_gpus`` GPUs (``gpu.gpus_the_cluster_can_get``).

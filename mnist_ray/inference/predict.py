@@ -38,13 +38,10 @@ def run(cfg: PredictConfig) -> dict:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise MnistRayError(f"no such file: {', '.join(missing)}")
-    if cfg.runtime not in runtimes.CHOICES:
-        raise MnistRayError(f"unknown runtime {cfg.runtime!r}: choose one of {', '.join(runtimes.CHOICES)}")
+    runtimes.check_name(cfg.runtime)
     local, metadata = export.open_model_dir(cfg.model)
-    if cfg.runtime == runtimes.AUTO:
-        runtime, reason = runtimes.resolve(local, on_gpu=runtimes.local_gpu(), metadata=metadata)
-    else:
-        runtime, reason = cfg.runtime, f"--runtime {cfg.runtime}"
+    on_gpu = cfg.runtime == runtimes.AUTO and runtimes.local_gpu()  # only auto asks whether there is a GPU
+    runtime, reason = runtimes.choose(cfg.runtime, local, on_gpu=on_gpu, metadata=metadata)
     images = []
     for f in files:
         with open(f, "rb") as fh:

@@ -348,23 +348,10 @@ def render_photo(digit: np.ndarray, rng: np.random.Generator) -> bytes:
     large, off centre, slightly rotated, unevenly lit, tinted, noisy, blurred, JPEG."""
     from PIL import Image, ImageFilter
 
+    from mnist_ray.images import photos
+
     side = int(rng.integers(160, 480))
-    page = np.full((side, side), rng.uniform(180, 240), np.float32)
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    page += rng.uniform(-25, 25) * (xx - 0.5) + rng.uniform(-25, 25) * (yy - 0.5)  # uneven light
-    size = int(side * rng.uniform(0.45, 0.8))
-    ink = Image.fromarray(digit).resize((size, int(size * rng.uniform(0.85, 1.15))), Image.Resampling.BICUBIC)
-    ink = ink.rotate(rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR)
-    ink_arr = np.asarray(ink, np.float32) / 255.0
-    h, w = min(ink_arr.shape[0], side), min(ink_arr.shape[1], side)
-    top, left = int(rng.integers(0, side - h + 1)), int(rng.integers(0, side - w + 1))
-    darkness = rng.uniform(0.55, 0.85)
-    region = page[top:top + h, left:left + w]
-    page[top:top + h, left:left + w] = region * (1 - darkness * ink_arr[:h, :w])
-    page += rng.normal(0, rng.uniform(2, 8), page.shape)
-    tint = rng.uniform(0.85, 1.0, 3)
-    rgb = np.clip(page[..., None] * tint, 0, 255).astype(np.uint8)
-    image = Image.fromarray(rgb).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5)))
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=int(rng.integers(60, 92)))
-    return buf.getvalue()
+    page = photos.lit_paper(rng, side, (180, 240), 25, dtype=np.float32)
+    photos.ink(page, digit, rng, size=(0.45, 0.8), turn_deg=8, darkness=(0.55, 0.85), aspect=(0.85, 1.15))
+    image = Image.fromarray(photos.sensor_rgb(page, rng, noise=(2, 8)))
+    return photos.jpeg(image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.5))), rng, (60, 92))

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mnist_ray.formats.predictions import NUM_CLASSES  # the ten digits: one definition, with the format
 from mnist_ray.errors import MnistRayError
 
 INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)

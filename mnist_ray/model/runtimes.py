@@ -124,10 +124,23 @@ def predict_pixels(runtime, pixels: np.ndarray) -> np.ndarray:
     return fast(pixels) if fast is not None else runtime(preprocess.normalize(pixels))
 
 
+def check_name(runtime: str, choices: tuple[str, ...] = CHOICES) -> None:
+    """A ``--runtime`` value that is one of ``choices`` (by default ``auto`` or a runtime), or a clear error."""
+    if runtime not in choices:
+        raise MnistRayError(f"unknown runtime {runtime!r}: choose one of {', '.join(choices)}")
+
+
+def choose(runtime: str, model_dir: str, on_gpu: bool, metadata: dict | None = None) -> tuple[str, str]:
+    """The runtime to load for ``--runtime runtime``, and why: the one given, or ``resolve``'s for
+    auto. Every consumer (infer's plan, predict, serve) chooses here, so they agree."""
+    if runtime != AUTO:
+        return runtime, f"--runtime {runtime}"
+    return resolve(model_dir, on_gpu, metadata)
+
+
 def check(model_dir: str, runtime: str) -> str:
     """The file of ``runtime`` in a local model dir, or a clear error."""
-    if runtime not in RUNTIME_FILES:
-        raise MnistRayError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIME_FILES)}")
+    check_name(runtime, tuple(RUNTIME_FILES))
     path = os.path.join(model_dir, RUNTIME_FILES[runtime])
     if not os.path.exists(path):
         raise MnistRayError(f"{model_dir} has no {runtime} variant ({RUNTIME_FILES[runtime]} is missing): "

@@ -24,6 +24,18 @@ FORWARDED_ENV = (
 )
 
 
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """A pool size flag's ``N`` or ``MIN..MAX`` (actors, replicas) -> (min, max), both at least 1."""
+    try:
+        low, _, high = text.partition("..")
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise MnistRayError(f"{flag} {text!r}: give N or MIN..MAX, e.g. 1..4") from None
+    if not 1 <= lo <= hi:
+        raise MnistRayError(f"{flag} {text!r}: need 1 <= MIN <= MAX")
+    return lo, hi
+
+
 def configure_process_env() -> dict[str, str]:
     """Set what TensorFlow needs before it is imported, and return the workers' env vars.
 

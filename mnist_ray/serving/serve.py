@@ -75,9 +75,7 @@ class ServeConfig:
     PRESETS: ClassVar[dict] = {"default": {}, "smoke": {"replicas": "1", "cpus_per_replica": 0.5}}
 
     def replica_range(self) -> tuple[int, int]:
-        from mnist_ray.inference.plan import parse_range
-
-        return parse_range(self.replicas, "--replicas")
+        return cluster.parse_range(self.replicas, "--replicas")
 
     def ongoing(self) -> int:
         # Serve needs max_ongoing_requests >= max_batch_size to ever fill a batch.
@@ -85,8 +83,7 @@ class ServeConfig:
 
     def validate(self) -> None:
         self.replica_range()
-        if self.runtime not in runtimes.CHOICES:
-            raise MnistRayError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtimes.CHOICES)}")
+        runtimes.check_name(self.runtime)
         if self.max_batch_size < 1 or self.max_batch_images < 1 or self.ongoing() < self.max_batch_size:
             raise MnistRayError("--max-batch-size and --max-batch-images must be positive, and "
                                 "--max-ongoing-requests at least --max-batch-size")
@@ -103,9 +100,8 @@ class ServeConfig:
 def resolve_runtime(cfg: ServeConfig, model_local: str) -> str:
     """The runtime the replicas load: ``auto`` resolved by the resolver infer and predict use;
     named runtimes are checked against the model dir."""
-    runtime = cfg.runtime
-    if runtime == runtimes.AUTO:
-        runtime, reason = runtimes.resolve(model_local, on_gpu=cfg.gpus_per_replica > 0)
+    runtime, reason = runtimes.choose(cfg.runtime, model_local, on_gpu=cfg.gpus_per_replica > 0)
+    if cfg.runtime == runtimes.AUTO:
         log.info("serve: runtime %s (%s)", runtime, reason)
     runtimes.check(model_local, runtime)
     return runtime
@@ -263,7 +259,7 @@ def _serve(cfg: ServeConfig, runtime: str, metadata: dict, stop: threading.Event
     import ray
     from ray import serve
 
-    from mnist_ray.serving.serve_app import STATS_EVERY_S, STATS_NAMESPACE, ServeStats
+    from mnist_ray.serving.stats import STATS_EVERY_S, STATS_NAMESPACE, ServeStats
 
     gpus = _gpus(cfg)
     # Serve's driver-side messages ("Started Serve", "Deploying app") follow the quiet default too.

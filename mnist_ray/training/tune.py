@@ -350,6 +350,8 @@ def run(cfg: TuneConfig) -> dict:
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
 
+        from mnist_ray.training.tune_callbacks import ReleaseTrainWorkers
+
         # Tune saves the experiment state at most every 10 s by default: a search killed in that
         # window would forget a finished trial and run it again.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
@@ -390,7 +392,7 @@ def run(cfg: TuneConfig) -> dict:
                     # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
                     # and its Ray Train run continues from the last epoch checkpoint.
                     failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
-                    callbacks=[compat.release_stopped_trial_workers(
+                    callbacks=[ReleaseTrainWorkers(
                         {"CPU": cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}, cfg.workers)]),
             )
         results = tuner.fit()

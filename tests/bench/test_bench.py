@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mnist_ray.bench import bench
+from mnist_ray.bench import work
 from mnist_ray.formats import shards
 from mnist_ray.bench.bench import BenchConfig
 from mnist_ray.errors import MnistRayError
@@ -20,7 +20,7 @@ from mnist_ray.errors import MnistRayError
 def test_replicated_shards_have_exactly_n_unique_rows_of_the_seed(small_shards, tmp_path):
     seed = shards.read_table(small_shards)
     n = 2 * seed.num_rows + 123
-    manifest = bench.replicate_shards(seed, str(tmp_path / "n"), n, rows_per_file=700)
+    manifest = work.replicate_shards(seed, str(tmp_path / "n"), n, rows_per_file=700)
     table = shards.read_table(str(tmp_path / "n"))
     assert manifest["rows"] == table.num_rows == n and len(manifest["files"]) == -(-n // 700)
     ids = table["id"].to_pylist()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mnist_ray.evaluation import robustness
-from mnist_ray.images import preprocess
+from mnist_ray.images import measured_photos, preprocess
 from mnist_ray.errors import MnistRayError
 
 
@@ -36,7 +36,7 @@ def test_photos_are_stored_sideways_and_decoded_upright():
     digit = robustness.mnist_test_arrays()[0][0]
     orientations = set()
     for seed in range(12):
-        data = robustness.photo_of(digit, np.random.default_rng(seed))
+        data = measured_photos.phone_photo(digit, np.random.default_rng(seed))
         orientations.add(Image.open(io.BytesIO(data)).getexif().get(0x0112))
         out = preprocess.mnist_like(preprocess.decode_for_model(data))
         corr = np.corrcoef(out.ravel().astype(float), digit.ravel().astype(float))[0, 1]

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from mnist_ray.inference import checkpoint
 from mnist_ray.inputs import sources
 from mnist_ray.plumbing import cluster, compat
 from mnist_ray.training import train
@@ -50,7 +51,7 @@ def parquet_file(tmp_path_factory) -> str:
 
 
 def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_path):
-    """compat.checkpoint_filter_cpus and CHECKPOINT_FILTER_ACTORS: Ray's filter operator as planned
+    """compat.checkpoint_filter_cpus and checkpoint.CHECKPOINT_FILTER_ACTORS: Ray's filter operator as planned
     on a resumed run (a committed checkpoint file exists)."""
     import ray
     from ray.data._internal.execution.operators.input_data_buffer import InputDataBuffer
@@ -58,12 +59,12 @@ def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_
 
     pq.write_table(pa.table({"id": ["a"]}), tmp_path / "done.parquet")
     context = ray.data.DataContext.get_current().copy()
-    context.checkpoint_config = compat.checkpoint_config("id", str(tmp_path), pafs.LocalFileSystem())
+    context.checkpoint_config = checkpoint.checkpoint_config("id", str(tmp_path), pafs.LocalFileSystem())
     op = create_checkpoint_filter_op(InputDataBuffer(context, input_data=[]), context, None, None)
     assert op.name == "CheckpointFilter"
     low, high = op.min_max_resource_requirements()
     assert low.cpu == compat.checkpoint_filter_cpus() == 1, f"the filter now asks for {low}"
-    assert high.cpu == compat.CHECKPOINT_FILTER_ACTORS * compat.checkpoint_filter_cpus()
+    assert high.cpu == checkpoint.CHECKPOINT_FILTER_ACTORS * compat.checkpoint_filter_cpus()
     assert low.memory == 2**30  # Ray's reservation per filter actor: why the pool is kept small
     from ray.data.checkpoint import CheckpointConfig
 
@@ -71,7 +72,7 @@ def test_the_checkpoint_filter_actor_takes_a_whole_cpu_and_a_gib(ray_local, tmp_
 
 
 def test_rays_checkpoint_filter_holds_ids_as_python_strings_and_compares_them_verbatim(ray_local, tmp_path):
-    """compat.hashed_checkpoint_classes: Ray's own filter keeps every checkpointed id as a Python
+    """checkpoint.hashed_checkpoint_classes: Ray's own filter keeps every checkpointed id as a Python
     string (an object array, ~73 bytes per id) and compares ids verbatim, so raw files, written
     by URI (s3://b/k) and read as b/k, would never be filtered."""
     import ray
@@ -81,17 +82,17 @@ def test_rays_checkpoint_filter_holds_ids_as_python_strings_and_compares_them_ve
     table = pa.table({"id": [f"c{i:04d}-t10k-{i:05d}" for i in range(1000)]})
     ids, size = ray.get(convert_and_sort_checkpointed_ids.options(num_returns=2).remote(table, "id"))
     assert ids.dtype == object and size / len(ids) > 60, \
-        f"Ray now keeps ids in {ids.dtype} ({size / len(ids):.0f} B each): compare with compat's 8-byte hashes"
+        f"Ray now keeps ids in {ids.dtype} ({size / len(ids):.0f} B each): compare with checkpoint's 8-byte hashes"
     assert _numpy_size(np.zeros(1000, np.uint64)) == 8000
     done = ray.put(np.array(["s3://b/x/1.png", "s3://b/x/3.png"], dtype=object))
     block = pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]})
-    config = compat.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "s3://")
+    config = checkpoint.checkpoint_config("path", str(tmp_path), pafs.LocalFileSystem(), "s3://")
     assert NumpyArrayBasedCheckpointFilter(config, done).filter_rows_for_block(block).num_rows == 3, \
-        "Ray now matches URIs itself: the scheme in compat's filter may go"
+        "Ray now matches URIs itself: the scheme in checkpoint's filter may go"
 
 
 def _load_checkpoint(config, tmp_path, ids: list[str]):
-    """What a resumed run's filter actors get: Ray's manager (with compat's classes) over real
+    """What a resumed run's filter actors get: Ray's manager (with checkpoint's classes) over real
     committed checkpoint files."""
     import ray
 
@@ -104,7 +105,7 @@ def _load_checkpoint(config, tmp_path, ids: list[str]):
 def test_resumed_runs_filter_by_8_byte_hashes_of_ids_and_of_uris(ray_local, tmp_path):
     import ray
 
-    config = compat.checkpoint_config("id", str(tmp_path / "ids"), pafs.LocalFileSystem())
+    config = checkpoint.checkpoint_config("id", str(tmp_path / "ids"), pafs.LocalFileSystem())
     (tmp_path / "ids").mkdir()
     ref, size = _load_checkpoint(config, tmp_path / "ids", [f"c{i:04d}-x" for i in range(0, 2000, 2)])
     done = ray.get(ref)
@@ -113,7 +114,7 @@ def test_resumed_runs_filter_by_8_byte_hashes_of_ids_and_of_uris(ray_local, tmp_
     keep = config.checkpoint_filter_cls(config, ref).filter_rows_for_block(block)
     assert keep["n"].to_pylist() == list(range(1, 2000, 2))
     # Files: checkpointed by the URI written, filtered on the path the read yields.
-    s3 = compat.checkpoint_config("path", str(tmp_path / "uris"), pafs.LocalFileSystem(), "s3://")
+    s3 = checkpoint.checkpoint_config("path", str(tmp_path / "uris"), pafs.LocalFileSystem(), "s3://")
     (tmp_path / "uris").mkdir()
     ref, _ = _load_checkpoint(s3, tmp_path / "uris", ["s3://b/x/1.png", "s3://b/x/3.png"])
     block = pa.table({"path": ["b/x/1.png", "b/x/2.png", "b/x/3.png"], "bytes": [b"1", b"2", b"3"]})
@@ -200,7 +201,7 @@ def ask_state_api():
 
 
 def test_train_cleans_up_placement_groups_through_the_state_api(ray_local, ask_state_api):
-    """compat.release_stopped_trial_workers: Ray Train's PlacementGroupCleaner asks the state API
+    """tune_callbacks.ReleaseTrainWorkers: Ray Train's PlacementGroupCleaner asks the state API
     whether the controller lives; a Ray without a dashboard cannot answer, and the cleaner then
     waits forever instead of removing the workers' placement group."""
     import ray
@@ -210,10 +211,12 @@ def test_train_cleans_up_placement_groups_through_the_state_api(ray_local, ask_s
     actor = ray.remote(num_cpus=0)(_Identity).remote()
     try:
         assert ask_state_api(actor._actor_id.hex()) is not None, \
-            "the state API answers without a dashboard: compat.release_stopped_trial_workers may go"
+            "the state API answers without a dashboard: tune_callbacks.ReleaseTrainWorkers may go"
     finally:
         ray.kill(actor)
-    assert compat.release_stopped_trial_workers({"CPU": 1}, 2).workers == 2
+    from mnist_ray.training.tune_callbacks import ReleaseTrainWorkers
+
+    assert ReleaseTrainWorkers({"CPU": 1}, 2).workers == 2
 
 
 # --- TensorFlow: the Keras 2 switch -------------------------------------------------------------

@@ -19,13 +19,13 @@ from mnist_ray.images import preprocess
 from mnist_ray.inputs import datasets
 from mnist_ray.model import runtimes
 from mnist_ray.plumbing import cluster
-from mnist_ray.serving import serve_app
 from mnist_ray.errors import MnistRayError
 from mnist_ray.inference.predict import PredictConfig
 from mnist_ray.inference.predict import run as predict_run
 from mnist_ray.serving.serve import ServeConfig, write_config
 from mnist_ray.serving.serve import run as serve_run
 from mnist_ray.serving.serve_app import BadRequest, DigitService
+from mnist_ray.serving.stats import ServeStats
 
 cluster.configure_process_env()
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -109,7 +109,7 @@ def test_service_answers_with_the_models_probabilities_and_the_image_it_saw():
 
 
 def test_summary_counts_outcomes_and_percentiles():
-    stats = serve_app.ServeStats()
+    stats = ServeStats()
     stats.add([("predict", 200, float(ms), 1) for ms in range(1, 101)]
               + [("predict", 415, 1.0, 0), ("batch", 200, 5.0, 3), ("predict", 500, 9.0, 0)])
     s = stats.state()
