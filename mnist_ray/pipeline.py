@@ -107,55 +107,27 @@ class _Ledger:
         storage.write_bytes(self.loc, LEDGER, json.dumps({"stages": self.stages}, indent=2).encode())
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """prepare -> train -> infer -> evaluate under ``cfg.output``; returns what each stage did."""
-    from mnist_ray.evaluation import evaluate
-    from mnist_ray.inference import infer
-    from mnist_ray.plumbing import logs
-    from mnist_ray.preparation import prepare
-    from mnist_ray.training import train
+class _Stages:
+    """Runs stages in order, each only when it is not current, and records every build in the ledger."""
 
-    cluster.configure_process_env()
-    started = time.perf_counter()
-    same_source = cfg.test_source == cfg.source
-    test_shards = cfg.path("shards") if same_source else cfg.path("test-shards")
-    prepare_cfg = prepare.PrepareConfig(source=cfg.source, output=cfg.path("shards"), limit=cfg.limit,
-                                        overwrite=True, address=cfg.address,
-                                        shared_storage=cfg.shared_storage)
-    test_cfg = prepare.PrepareConfig(source=cfg.test_source, output=test_shards, limit=cfg.limit,
-                                     overwrite=True, address=cfg.address,
-                                        shared_storage=cfg.shared_storage)
-    train_cfg = train.TrainConfig(data=cfg.path("shards"), output=cfg.path("model"), model=cfg.model,
-                                  epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers,
-                                  overwrite=True, address=cfg.address,
-                                        shared_storage=cfg.shared_storage).resolved()
-    infer_cfg = infer.InferConfig(model=cfg.path("model"), input=test_shards, output=cfg.path("predictions"),
-                                  runtime=cfg.runtime, actors=cfg.actors, overwrite=True, address=cfg.address,
-                                        shared_storage=cfg.shared_storage)
-    evaluate_cfg = evaluate.EvaluateConfig(predictions=cfg.path("predictions"), output=cfg.path("report"),
-                                           overwrite=True)
-    # Every flag is checked before the first stage starts, not an hour into the run.
-    prepare_cfg.validate()
-    test_cfg.validate()
-    train_cfg.validate()
-    infer_cfg.validate()
-    if TEST_SPLIT in train_cfg.train_splits.split(","):
-        raise MnistRayError(f"the pipeline reports on the {TEST_SPLIT!r} split, so training must not use it")
-    cluster.connect(cfg.address, paths=(cfg.output,), shared_storage=cfg.shared_storage)
-    ledger = _Ledger(cfg.output)
-    stages: list[dict] = []
-    upstream = ""  # the build ids of everything before the current stage
+    def __init__(self, root: str, force: bool):
+        self.ledger = _Ledger(root)
+        self.force = force
+        self.done: list[dict] = []
+        self.upstream = ""  # the build ids of everything before the current stage
 
-    def stage(name: str, output: str, doc_name: str, settings: dict, job: Callable[[], dict],
-              progress=None, lines: bool = True) -> dict:
-        nonlocal upstream
-        key = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True)
+    def run(self, name: str, output: str, doc_name: str, settings: dict, job: Callable[[], dict],
+            progress=None, lines: bool = True) -> dict:
+        """The document ``doc_name`` of the stage's output, built by ``job`` unless current."""
+        from mnist_ray.plumbing import logs
+
+        key = json.dumps({"settings": settings, "upstream": self.upstream}, sort_keys=True)
         doc = _read_json(output, doc_name)
-        recorded = ledger.stages.get(name, {})
+        recorded = self.ledger.stages.get(name, {})
         current = doc is not None and recorded == {"key": key, "build": _build_id(doc)}
-        if current and not cfg.force:
+        if current and not self.force:
             log.info("pipeline: %-12s current, skipped (%s)", name, output)
-            stages.append({"stage": name, "status": "skipped", "output": output})
+            self.done.append({"stage": name, "status": "skipped", "output": output})
         else:
             why = ("forced" if current else "missing" if doc is None
                    else "replaced by hand" if recorded.get("key") == key else "inputs changed")
@@ -166,18 +138,74 @@ def run(cfg: PipelineConfig) -> dict:
             doc = _read_json(output, doc_name)
             if doc is None:
                 raise MnistRayError(f"the {name} stage finished without a complete output at {output}")
-            ledger.stages[name] = {"key": key, "build": _build_id(doc)}
-            ledger.save()
+            self.ledger.stages[name] = {"key": key, "build": _build_id(doc)}
+            self.ledger.save()
             seconds = round(time.perf_counter() - t0, 1)
             log.info("pipeline: %-12s done in %s s", name, seconds)
             log.debug("pipeline: %s summary %s", name, json.dumps(summary))
-            stages.append({"stage": name, "status": "ran", "reason": why, "output": output, "seconds": seconds})
-        upstream += "|" + _build_id(doc)
+            self.done.append({"stage": name, "status": "ran", "reason": why, "output": output, "seconds": seconds})
+        self.upstream += "|" + _build_id(doc)
         return doc
 
-    shards_manifest = stage("prepare", prepare_cfg.output, storage.MANIFEST,
-                            {k: getattr(prepare_cfg, k) for k in PREPARE_KEYS}, lambda: prepare.run(prepare_cfg))
-    test_manifest = shards_manifest if same_source else stage(
+
+def stage_configs(cfg: PipelineConfig) -> tuple:
+    """The configs of the stages' jobs (prepare, prepare-test, train, infer, evaluate), every flag checked."""
+    from mnist_ray.evaluation import evaluate
+    from mnist_ray.inference import infer
+    from mnist_ray.preparation import prepare
+    from mnist_ray.training import train
+
+    test_shards = cfg.path("shards") if cfg.test_source == cfg.source else cfg.path("test-shards")
+    prepare_cfg = prepare.PrepareConfig(source=cfg.source, output=cfg.path("shards"), limit=cfg.limit,
+                                        overwrite=True, address=cfg.address,
+                                        shared_storage=cfg.shared_storage)
+    test_cfg = prepare.PrepareConfig(source=cfg.test_source, output=test_shards, limit=cfg.limit,
+                                     overwrite=True, address=cfg.address, shared_storage=cfg.shared_storage)
+    train_cfg = train.TrainConfig(data=cfg.path("shards"), output=cfg.path("model"), model=cfg.model,
+                                  epochs=cfg.epochs, batch_size=cfg.batch_size, workers=cfg.workers,
+                                  overwrite=True, address=cfg.address,
+                                  shared_storage=cfg.shared_storage).resolved()
+    infer_cfg = infer.InferConfig(model=cfg.path("model"), input=test_shards, output=cfg.path("predictions"),
+                                  runtime=cfg.runtime, actors=cfg.actors, overwrite=True, address=cfg.address,
+                                  shared_storage=cfg.shared_storage)
+    evaluate_cfg = evaluate.EvaluateConfig(predictions=cfg.path("predictions"), output=cfg.path("report"),
+                                           overwrite=True)
+    # Every flag is checked before the first stage starts, not an hour into the run.
+    prepare_cfg.validate()
+    test_cfg.validate()
+    train_cfg.validate()
+    infer_cfg.validate()
+    if TEST_SPLIT in train_cfg.train_splits.split(","):
+        raise MnistRayError(f"the pipeline reports on the {TEST_SPLIT!r} split, so training must not use it")
+    return prepare_cfg, test_cfg, train_cfg, infer_cfg, evaluate_cfg
+
+
+def _train_job(train_cfg, run_name: str, force: bool) -> dict:
+    """The train stage's job."""
+    from mnist_ray.training import train
+
+    # A run of these very settings on this data that stopped before exporting continues
+    # from its last checkpoint; anything else starts over.
+    runs = storage.resolve(train_cfg.storage_path)
+    interrupted = runs.fs.get_file_info(runs.join(run_name)).type != pafs.FileType.NotFound
+    return train.run(dataclasses.replace(train_cfg, resume=interrupted and not force))
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """prepare -> train -> infer -> evaluate under ``cfg.output``; returns what each stage did."""
+    from mnist_ray.evaluation import evaluate
+    from mnist_ray.inference import infer
+    from mnist_ray.preparation import prepare
+
+    cluster.configure_process_env()
+    started = time.perf_counter()
+    same_source = cfg.test_source == cfg.source
+    prepare_cfg, test_cfg, train_cfg, infer_cfg, evaluate_cfg = stage_configs(cfg)
+    cluster.connect(cfg.address, paths=(cfg.output,), shared_storage=cfg.shared_storage)
+    stages = _Stages(cfg.output, cfg.force)
+    shards_manifest = stages.run("prepare", prepare_cfg.output, storage.MANIFEST,
+                                 {k: getattr(prepare_cfg, k) for k in PREPARE_KEYS}, lambda: prepare.run(prepare_cfg))
+    test_manifest = shards_manifest if same_source else stages.run(
         "prepare-test", test_cfg.output, storage.MANIFEST, {k: getattr(test_cfg, k) for k in PREPARE_KEYS},
         lambda: prepare.run(test_cfg))
     test_rows = test_manifest["splits"].get(TEST_SPLIT, {}).get("rows", 0)
@@ -185,25 +213,18 @@ def run(cfg: PipelineConfig) -> dict:
         raise MnistRayError(f"--test-source {cfg.test_source} has no {TEST_SPLIT!r} split (it has "
                             f"{sorted(test_manifest['splits'])}): give a source with one, such as mnist-test")
     run_name = train_cfg.run_name(shards_manifest["fingerprint"])
-
-    def train_job() -> dict:
-        # A run of these very settings on this data that stopped before exporting continues
-        # from its last checkpoint; anything else starts over.
-        runs = storage.resolve(train_cfg.storage_path)
-        interrupted = runs.fs.get_file_info(runs.join(run_name)).type != pafs.FileType.NotFound
-        return train.run(dataclasses.replace(train_cfg, resume=interrupted and not cfg.force))
-
-    metadata = stage("train", train_cfg.output, "metadata.json", {"run_name": run_name}, train_job,
-                     lines=False)  # train prints epochs done, time per epoch and ETA itself
-    stage("infer", infer_cfg.output, storage.MANIFEST, {"runtime": cfg.runtime}, lambda: infer.run(infer_cfg),
-          lines=False)  # infer prints rows, images/s and ETA itself
-    metrics = stage("evaluate", evaluate_cfg.output, "metrics.json", {"samples": evaluate_cfg.samples},
-                    lambda: evaluate.run(evaluate_cfg))
+    metadata = stages.run("train", train_cfg.output, "metadata.json", {"run_name": run_name},
+                          lambda: _train_job(train_cfg, run_name, cfg.force),
+                          lines=False)  # train prints epochs done, time per epoch and ETA itself
+    stages.run("infer", infer_cfg.output, storage.MANIFEST, {"runtime": cfg.runtime}, lambda: infer.run(infer_cfg),
+               lines=False)  # infer prints rows, images/s and ETA itself
+    metrics = stages.run("evaluate", evaluate_cfg.output, "metrics.json", {"samples": evaluate_cfg.samples},
+                         lambda: evaluate.run(evaluate_cfg))
     by_split = metrics.get("accuracy_by_split") or {}
-    return {"output": cfg.output, "ran": [s["stage"] for s in stages if s["status"] == "ran"],
+    return {"output": cfg.output, "ran": [s["stage"] for s in stages.done if s["status"] == "ran"],
             "test_accuracy": by_split.get(TEST_SPLIT),
             "test_set": {"source": cfg.test_source, "split": TEST_SPLIT, "rows": test_rows},
             "trained_on": {"source": cfg.source, "rows": shards_manifest["splits"].get("train", {}).get("rows"),
                            "val_accuracy": metadata["metrics"]["val_accuracy"]},
             "accuracy_by_split": by_split, "model_version": metadata["version"], "report": evaluate_cfg.output,
-            "stages": stages, "wall_seconds": round(time.perf_counter() - started, 1)}
+            "stages": stages.done, "wall_seconds": round(time.perf_counter() - started, 1)}

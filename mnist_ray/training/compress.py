@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gzip
 import hashlib
 import json
 import logging
@@ -39,6 +38,8 @@ from mnist_ray.images import preprocess
 from mnist_ray.model import export, models, runtimes
 from mnist_ray.plumbing import cluster, storage
 from mnist_ray.errors import MnistRayError
+from mnist_ray.training.compress_methods import distill, prune, quantization_aware
+from mnist_ray.training.compress_scoring import BENCH_BATCH, format_markdown, score
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ PRODUCER = "mnist-ray compress --model MODEL_DIR --output DIR"
 # Post-training variants reused from the training export: runtime -> variant dir name.
 PTQ_VARIANTS = {"tflite-fp16": "ptq-float16", "tflite-dynamic": "ptq-dynamic", "tflite-int8": "ptq-int8"}
 METHODS = ("ptq", "qat", "prune", "distill")
-BENCH_BATCH = 256  # the batch size of every images/s figure (as export.measure and the README)
-MIN_TIMED_IMAGES = 10_240
 
 
 @dataclass(frozen=True)
@@ -169,151 +168,6 @@ def load_data(cfg: CompressConfig, metadata: dict) -> tuple[str, dict, dict[str,
     return uri, manifest, data
 
 
-# --- the compression methods (each returns the files it wrote) ---------------------------------
-
-def _one_hot(labels: np.ndarray) -> np.ndarray:
-    return np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]
-
-
-def _history(fit, start_epoch: int = 0) -> list[dict]:
-    """Keras fit history -> the per-epoch records export.export plots and stores."""
-    h = fit.history
-    keys = ("loss", "accuracy", "val_loss", "val_accuracy")
-    return [{"epoch": start_epoch + i + 1, **{k: float(h[k][i]) for k in keys}}
-            for i in range(len(h["loss"]))]
-
-
-def _tfmot():
-    import tensorflow_model_optimization as tfmot
-
-    return tfmot
-
-
-def _load_teacher(model_local: str):
-    return models.keras().models.load_model(os.path.join(model_local, "model.keras"), compile=False)
-
-
-def quantization_aware(cfg: CompressConfig, model_local: str, data: dict[str, Split], out_dir: str) -> dict:
-    """Fine-tune with fake-quantized weights and activations, then convert to a full-integer TFLite."""
-    import tensorflow as tf
-
-    k = models.keras()
-    k.utils.set_random_seed(cfg.seed)
-    qat = _tfmot().quantization.keras.quantize_model(_load_teacher(model_local))
-    qat.compile(optimizer=k.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy", metrics=["accuracy"])
-    tr, va = data["train"], data["val"]
-    fit = qat.fit(tr.images, _one_hot(tr.labels), batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=0,
-                  validation_data=(va.images, _one_hot(va.labels)), shuffle=True)
-    converter = tf.lite.TFLiteConverter.from_keras_model(qat)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    # The ranges were learned during training; the representative data only covers any op
-    # the fake-quant layers did not (and keeps int8 input/output like export's int8 variant).
-    calibration = tr.images[:500]
-    converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    path = os.path.join(out_dir, runtimes.RUNTIME_FILES["tflite-int8"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(converter.convert())
-    return {"history": _history(fit)}
-
-
-def kernel_sparsity(model) -> float:
-    """Fraction of zeros in the kernels of Conv and Dense layers (what magnitude pruning prunes)."""
-    zeros = total = 0
-    for layer in model.layers:
-        kernel = getattr(layer, "kernel", None)
-        if kernel is not None:
-            w = kernel.numpy()
-            zeros += int((w == 0).sum())
-            total += w.size
-    return zeros / total if total else 0.0
-
-
-def prune(cfg: CompressConfig, model_local: str, data: dict[str, Split], keras_path: str) -> dict:
-    """Magnitude pruning to ``cfg.sparsity`` during a short fine-tune; the stripped model is saved."""
-    k, tfmot = models.keras(), _tfmot()
-    k.utils.set_random_seed(cfg.seed)
-    tr, va = data["train"], data["val"]
-    steps = -(-len(tr.labels) // cfg.batch_size) * cfg.epochs
-    # Gradual: sparsity ramps from 0 to the target over the first two thirds of the steps, so
-    # the remaining weights can take over before pruning ends; end_step lands on a pruning
-    # step (they come every `frequency` steps) so the last mask has exactly the target.
-    frequency = max(1, steps // 10)
-    end_step = max(frequency, (2 * steps // 3) // frequency * frequency)
-    schedule = tfmot.sparsity.keras.PolynomialDecay(initial_sparsity=0.0, final_sparsity=cfg.sparsity,
-                                                   begin_step=0, end_step=end_step, frequency=frequency)
-    pruned = tfmot.sparsity.keras.prune_low_magnitude(_load_teacher(model_local), pruning_schedule=schedule)
-    pruned.compile(optimizer=k.optimizers.Adam(cfg.learning_rate), loss="categorical_crossentropy",
-                   metrics=["accuracy"])
-    fit = pruned.fit(tr.images, _one_hot(tr.labels), batch_size=cfg.batch_size, epochs=cfg.epochs, verbose=0,
-                     validation_data=(va.images, _one_hot(va.labels)), shuffle=True,
-                     callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
-    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
-    sparsity = kernel_sparsity(stripped)
-    if sparsity < cfg.sparsity - 0.01:  # a fine-tune shorter than one pruning step, say
-        raise MnistRayError(f"pruning reached {sparsity:.2f} sparsity, not {cfg.sparsity}: "
-                            "fine-tune longer (--epochs) or on more data")
-    stripped.save(keras_path)
-    return {"history": _history(fit), "sparsity": round(sparsity, 4)}
-
-
-def soft_targets(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities softened by ``temperature``: softmax(log p / T) (log p are logits up to a constant)."""
-    z = np.log(np.clip(probs, 1e-12, 1.0)) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def distillation_loss(temperature: float, alpha: float):
-    """Loss on targets packed as [one-hot label | teacher soft targets] (20 columns), so a plain
-    Keras ``fit`` trains the registered student model unchanged (it keeps its softmax output)."""
-    import tensorflow as tf
-
-    n, losses = models.NUM_CLASSES, models.keras().losses
-
-    def loss(y_true, y_pred):
-        hard, soft = y_true[:, :n], y_true[:, n:]
-        p = tf.clip_by_value(y_pred, 1e-7, 1.0)
-        soft_student = tf.nn.softmax(tf.math.log(p) / temperature)
-        # T^2 keeps the soft term's gradients on the scale of the hard term's (Hinton et al.)
-        soft_loss = losses.categorical_crossentropy(soft, soft_student) * temperature ** 2
-        return alpha * losses.categorical_crossentropy(hard, p) + (1 - alpha) * soft_loss
-    return loss
-
-
-def accuracy(y_true, y_pred):
-    """Top-1 accuracy against the one-hot half of the packed distillation targets."""
-    import tensorflow as tf
-
-    return tf.cast(tf.equal(tf.argmax(y_true[:, :models.NUM_CLASSES], 1), tf.argmax(y_pred, 1)), tf.float32)
-
-
-def distill(cfg: CompressConfig, teacher, data: dict[str, Split], keras_path: str) -> dict:
-    """Train ``cfg.student`` from scratch on the teacher's softened outputs and the labels."""
-    k = models.keras()
-    tr, va = data["train"], data["val"]
-
-    def targets(split: Split) -> np.ndarray:
-        # The teacher is fixed and the data not augmented: its outputs are computed once.
-        probs = runtimes.predict_batched(teacher, split.images, BENCH_BATCH)
-        return np.concatenate([_one_hot(split.labels), soft_targets(probs, cfg.temperature)], axis=1)
-
-    student = models.create_model(cfg.student, seed=cfg.seed)
-    student.compile(optimizer=k.optimizers.Adam(cfg.student_learning_rate),
-                    loss=distillation_loss(cfg.temperature, cfg.alpha), metrics=[accuracy])
-    fit = student.fit(tr.images, targets(tr), batch_size=cfg.batch_size, epochs=cfg.student_epochs, verbose=0,
-                      validation_data=(va.images, targets(va)), shuffle=True)
-    # Saved without the custom loss: serving loads it like any trained model.
-    student.compile(optimizer=k.optimizers.Adam(cfg.student_learning_rate), loss="categorical_crossentropy",
-                    metrics=["accuracy"])
-    student.save(keras_path)
-    return {"history": _history(fit), "params": int(student.count_params())}
-
-
 # --- model dirs ----------------------------------------------------------------------------------
 
 def _sha(path: str) -> str:
@@ -363,53 +217,25 @@ def export_keras_variant(keras_path: str, out_dir: str, *, model_name: str, mani
                          train_seconds=seconds)
 
 
-# --- the comparison ------------------------------------------------------------------------------
-
-def gzip_size(path: str) -> int:
-    """Bytes after gzip: what sparsity saves in storage and download (zeros compress)."""
-    with open(path, "rb") as f:
-        return len(gzip.compress(f.read(), compresslevel=9))
-
-
-def score(model_dir: str, runtime: str, data: dict[str, Split],
-          reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    """One row: sizes, val/test accuracy, images/s at batch 256 and top-1 agreement with ``reference``."""
-    path = runtimes.check(model_dir, runtime)
-    parts = [s for s in ("val", "test") if s in data]
-    images = np.concatenate([data[s].images for s in parts])
-    labels = np.concatenate([data[s].labels for s in parts])
-    model = runtimes.load(model_dir, runtime)
-    measured, probs = export.measure(model, images, labels, BENCH_BATCH)
-    if len(images) < MIN_TIMED_IMAGES:
-        # A few hundred images time a fast runtime in milliseconds, mostly noise: time enough
-        # repeats of them (accuracy and agreement still come from the real rows above).
-        measured, _ = export.measure(model, np.resize(images, (MIN_TIMED_IMAGES, *images.shape[1:])),
-                                     np.resize(labels, MIN_TIMED_IMAGES), BENCH_BATCH)
-    top1 = probs.argmax(1)
-    row = {"runtime": runtime, "file": runtimes.RUNTIME_FILES[runtime], "bytes": os.path.getsize(path),
-           "gzip_bytes": gzip_size(path), "images_per_s": measured["images_per_s"]}
-    start = 0
-    for s in ("val", "test"):
-        n = len(data[s].labels) if s in data else 0
-        row[f"{s}_accuracy"] = round(float((top1[start:start + n] == labels[start:start + n]).mean()), 5) if n else None
-        row[f"{s}_rows"] = n
-        start += n
-    row["agreement"] = 1.0 if reference is None else round(float((top1 == reference).mean()), 5)
-    return row, top1
-
-
-def format_markdown(rows: list[dict]) -> str:
-    lines = ["| variant | runtime | size | gzip | val acc | test acc | images/s | agreement |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        test = f"{r['test_accuracy'] * 100:.2f}%" if r["test_accuracy"] is not None else "-"
-        lines.append(f"| {r['variant']} | {r['runtime']} | {r['bytes'] / 1024:,.0f} kB "
-                     f"| {r['gzip_bytes'] / 1024:,.0f} kB | {r['val_accuracy'] * 100:.2f}% | {test} "
-                     f"| {r['images_per_s']:,.0f} | {r['agreement'] * 100:.2f}% |")
-    return "\n".join(lines)
-
-
 # --- driver --------------------------------------------------------------------------------------
+
+# A row of the plan: (variant, runtime, model dir, compression facts, write a tflite-only dir after scoring).
+PlanRow = tuple[str, str, str, dict, bool]
+KERAS_VARIANT_RUNTIMES = ("tf", "tflite-fp32", "tflite-int8")  # int8: compressed and quantized
+
+
+@dataclass(frozen=True)
+class CompressRun:
+    """What every step of one compress run reads: the teacher, its data and the staging dir."""
+    cfg: CompressConfig
+    model_local: str
+    teacher_meta: dict
+    source: dict
+    data_uri: str
+    manifest: dict
+    data: dict[str, Split]
+    staging: str
+
 
 def run(cfg: CompressConfig) -> dict:
     """Compress the model dir ``cfg.model`` into variant model dirs and a table at ``cfg.output``."""
@@ -424,95 +250,12 @@ def run(cfg: CompressConfig) -> dict:
     started = time.perf_counter()
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(loc.path.rstrip('/'))}.staging-",
                                dir=os.path.dirname(loc.path.rstrip("/")) if loc.is_local else None)
-    source = {"uri": cfg.model, "version": teacher_meta["version"]}
+    job = CompressRun(cfg, model_local, teacher_meta, {"uri": cfg.model, "version": teacher_meta["version"]},
+                      data_uri, manifest, data, staging)
     try:
-        # (variant, runtime, model dir, compression facts, write a tflite-only dir after scoring)
-        plan: list[tuple[str, str, str, dict, bool]] = [
-            ("original", "tf", model_local, {"method": "none"}, False)]
-        if os.path.exists(os.path.join(model_local, runtimes.RUNTIME_FILES["tflite-fp32"])):
-            plan.append(("original", "tflite-fp32", model_local, {"method": "none"}, False))
-        skipped = {}
-        if "ptq" in methods:
-            for runtime, name in PTQ_VARIANTS.items():
-                src = os.path.join(model_local, runtimes.RUNTIME_FILES[runtime])
-                if not os.path.exists(src):
-                    skipped[name] = f"{cfg.model} has no {runtime} variant (trained with --no-tflite?)"
-                    continue
-                out = os.path.join(staging, name)
-                _link_or_copy(src, os.path.join(out, runtimes.RUNTIME_FILES[runtime]))
-                plan.append((name, runtime, out, {"method": "post-training quantization",
-                                                  "reused": runtimes.RUNTIME_FILES[runtime]}, True))
-        if "qat" in methods:
-            t = time.perf_counter()
-            out = os.path.join(staging, "qat-int8")
-            facts = quantization_aware(cfg, model_local, data, out)
-            log.info("quantization-aware training: %.0f s", time.perf_counter() - t)
-            plan.append(("qat-int8", "tflite-int8", out, {
-                "method": "quantization-aware training", "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
-                "history": facts["history"], "seconds": round(time.perf_counter() - t, 1)}, True))
-        work = tempfile.mkdtemp(prefix="mnist-ray-compress-")
-        try:
-            if "prune" in methods:
-                t = time.perf_counter()
-                keras_path = os.path.join(work, "pruned.keras")
-                facts = prune(cfg, model_local, data, keras_path)
-                compression = {"variant": "pruned", "method": "magnitude pruning", "from": source,
-                               "target_sparsity": cfg.sparsity, "kernel_sparsity": facts["sparsity"],
-                               "epochs": cfg.epochs, "learning_rate": cfg.learning_rate}
-                export_keras_variant(keras_path, os.path.join(staging, "pruned"),
-                                     model_name=teacher_meta["model"], manifest=manifest,
-                                     data_uri=data_uri, data=data, history=facts["history"], compression=compression,
-                                     seconds=time.perf_counter() - t)
-                log.info("pruning to %.0f%% sparsity: %.0f s", 100 * facts["sparsity"], time.perf_counter() - t)
-                for runtime in ("tf", "tflite-fp32", "tflite-int8"):  # int8: pruned and quantized
-                    plan.append(("pruned", runtime, os.path.join(staging, "pruned"), compression, False))
-            if "distill" in methods:
-                t = time.perf_counter()
-                keras_path = os.path.join(work, "student.keras")
-                facts = distill(cfg, runtimes.load(model_local, "tf"), data, keras_path)
-                compression = {"variant": "distilled", "method": "knowledge distillation", "from": source,
-                               "student": cfg.student, "params": facts["params"],
-                               "teacher_params": teacher_meta.get("params"),
-                               "temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.student_epochs,
-                               "learning_rate": cfg.student_learning_rate}
-                export_keras_variant(keras_path, os.path.join(staging, "distilled"), model_name=cfg.student,
-                                     manifest=manifest, data_uri=data_uri, data=data,
-                                     history=facts["history"], compression=compression,
-                                     seconds=time.perf_counter() - t)
-                log.info("distillation into %s: %.0f s", cfg.student, time.perf_counter() - t)
-                for runtime in ("tf", "tflite-fp32", "tflite-int8"):
-                    plan.append(("distilled", runtime, os.path.join(staging, "distilled"), compression, False))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-        # Every row measured here, one after the other in one process: comparable images/s.
-        rows, reference = [], None
-        for variant, runtime, model_dir, compression, tflite_dir in plan:
-            row, top1 = score(model_dir, runtime, data, reference)
-            if reference is None:
-                reference = top1  # the original model on the tf runtime
-            rel = "" if model_dir == model_local else os.path.relpath(model_dir, staging)
-            rows.append({"variant": variant, "model_dir": loc.uri_of(rel) if rel else cfg.model, **row})
-            if tflite_dir:
-                write_tflite_model_dir(model_dir, runtime, teacher_meta,
-                                       {"variant": variant, "from": source, **compression}, row)
-        for r in rows:
-            r["size_vs_original"] = round(r["bytes"] / rows[0]["bytes"], 4)
-        table = format_markdown(rows)
-        summary = {
-            "model": source, "data": data_uri,
-            "test_data": cfg.test_data or ("split 'test'" if "test" in data else None),
-            "rows": {s: int(len(v.labels)) for s, v in data.items()}, "batch_size": BENCH_BATCH,
-            "config": dataclasses.asdict(cfg), "skipped": skipped, "variants": rows,
-            "seconds": round(time.perf_counter() - started, 1),
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        with open(os.path.join(staging, "compression.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        with open(os.path.join(staging, "compression.md"), "w") as f:
-            f.write(f"Compression of `{cfg.model}` ({teacher_meta['version']}); images/s at batch {BENCH_BATCH}, "
-                    f"agreement = same top-1 as the original on the tf runtime.\n\n{table}\n")
-        print(table, flush=True)
+        plan, skipped = plan_variants(job, methods)
+        rows = score_plan(job, plan, loc)
+        summary = write_table(job, rows, skipped, started)
         storage.publish_directory(staging, loc, run_id=teacher_meta["version"])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -520,3 +263,132 @@ def run(cfg: CompressConfig) -> dict:
     return {"output": cfg.output, "model_version": teacher_meta["version"], "seconds": summary["seconds"],
             "variants": {f"{r['variant']}/{r['runtime']}": {k: r[k] for k in keys} for r in rows},
             "skipped": skipped}
+
+
+def plan_variants(job: CompressRun, methods: list[str]) -> tuple[list[PlanRow], dict]:
+    """Every variant of ``methods`` made in the staging dir: the plan of what to score, and the
+    variants skipped (with why)."""
+    plan: list[PlanRow] = [("original", "tf", job.model_local, {"method": "none"}, False)]
+    if os.path.exists(os.path.join(job.model_local, runtimes.RUNTIME_FILES["tflite-fp32"])):
+        plan.append(("original", "tflite-fp32", job.model_local, {"method": "none"}, False))
+    skipped = {}
+    if "ptq" in methods:
+        ptq_plan, skipped = ptq_variants(job)
+        plan += ptq_plan
+    if "qat" in methods:
+        plan.append(qat_variant(job))
+    work = tempfile.mkdtemp(prefix="mnist-ray-compress-")
+    try:
+        if "prune" in methods:
+            plan += pruned_variant(job, work)
+        if "distill" in methods:
+            plan += distilled_variant(job, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return plan, skipped
+
+
+def ptq_variants(job: CompressRun) -> tuple[list[PlanRow], dict]:
+    """The training export's post-training quantized TFLite files, each linked into a dir of its own."""
+    plan, skipped = [], {}
+    for runtime, name in PTQ_VARIANTS.items():
+        src = os.path.join(job.model_local, runtimes.RUNTIME_FILES[runtime])
+        if not os.path.exists(src):
+            skipped[name] = f"{job.cfg.model} has no {runtime} variant (trained with --no-tflite?)"
+            continue
+        out = os.path.join(job.staging, name)
+        _link_or_copy(src, os.path.join(out, runtimes.RUNTIME_FILES[runtime]))
+        plan.append((name, runtime, out, {"method": "post-training quantization",
+                                          "reused": runtimes.RUNTIME_FILES[runtime]}, True))
+    return plan, skipped
+
+
+def qat_variant(job: CompressRun) -> PlanRow:
+    """Quantization-aware training into a full-integer TFLite file (``qat-int8``)."""
+    cfg = job.cfg
+    t = time.perf_counter()
+    out = os.path.join(job.staging, "qat-int8")
+    facts = quantization_aware(cfg, job.model_local, job.data, out)
+    log.info("quantization-aware training: %.0f s", time.perf_counter() - t)
+    return ("qat-int8", "tflite-int8", out, {
+        "method": "quantization-aware training", "epochs": cfg.epochs, "learning_rate": cfg.learning_rate,
+        "history": facts["history"], "seconds": round(time.perf_counter() - t, 1)}, True)
+
+
+def pruned_variant(job: CompressRun, work: str) -> list[PlanRow]:
+    """The teacher pruned during a fine-tune, exported as the model dir ``pruned``."""
+    cfg = job.cfg
+    t = time.perf_counter()
+    keras_path = os.path.join(work, "pruned.keras")
+    facts = prune(cfg, job.model_local, job.data, keras_path)
+    compression = {"variant": "pruned", "method": "magnitude pruning", "from": job.source,
+                   "target_sparsity": cfg.sparsity, "kernel_sparsity": facts["sparsity"],
+                   "epochs": cfg.epochs, "learning_rate": cfg.learning_rate}
+    plan = keras_variant(job, keras_path, job.teacher_meta["model"], facts["history"], compression, t)
+    log.info("pruning to %.0f%% sparsity: %.0f s", 100 * facts["sparsity"], time.perf_counter() - t)
+    return plan
+
+
+def distilled_variant(job: CompressRun, work: str) -> list[PlanRow]:
+    """A student distilled from the teacher, exported as the model dir ``distilled``."""
+    cfg = job.cfg
+    t = time.perf_counter()
+    keras_path = os.path.join(work, "student.keras")
+    facts = distill(cfg, runtimes.load(job.model_local, "tf"), job.data, keras_path)
+    compression = {"variant": "distilled", "method": "knowledge distillation", "from": job.source,
+                   "student": cfg.student, "params": facts["params"],
+                   "teacher_params": job.teacher_meta.get("params"),
+                   "temperature": cfg.temperature, "alpha": cfg.alpha, "epochs": cfg.student_epochs,
+                   "learning_rate": cfg.student_learning_rate}
+    plan = keras_variant(job, keras_path, cfg.student, facts["history"], compression, t)
+    log.info("distillation into %s: %.0f s", cfg.student, time.perf_counter() - t)
+    return plan
+
+
+def keras_variant(job: CompressRun, keras_path: str, model_name: str, history: list[dict], compression: dict,
+                  started: float) -> list[PlanRow]:
+    """A Keras model a method wrote, exported as the model dir of its variant: its plan rows."""
+    out = os.path.join(job.staging, compression["variant"])
+    export_keras_variant(keras_path, out, model_name=model_name, manifest=job.manifest, data_uri=job.data_uri,
+                         data=job.data, history=history, compression=compression,
+                         seconds=time.perf_counter() - started)
+    return [(compression["variant"], runtime, out, compression, False) for runtime in KERAS_VARIANT_RUNTIMES]
+
+
+def score_plan(job: CompressRun, plan: list[PlanRow], loc: storage.Location) -> list[dict]:
+    """A row per plan entry, each against the original on the tf runtime; TFLite-only dirs finished."""
+    # Every row measured here, one after the other in one process: comparable images/s.
+    rows, reference = [], None
+    for variant, runtime, model_dir, compression, tflite_dir in plan:
+        row, top1 = score(model_dir, runtime, job.data, reference)
+        if reference is None:
+            reference = top1  # the original model on the tf runtime
+        rel = "" if model_dir == job.model_local else os.path.relpath(model_dir, job.staging)
+        rows.append({"variant": variant, "model_dir": loc.uri_of(rel) if rel else job.cfg.model, **row})
+        if tflite_dir:
+            write_tflite_model_dir(model_dir, runtime, job.teacher_meta,
+                                   {"variant": variant, "from": job.source, **compression}, row)
+    for r in rows:
+        r["size_vs_original"] = round(r["bytes"] / rows[0]["bytes"], 4)
+    return rows
+
+
+def write_table(job: CompressRun, rows: list[dict], skipped: dict, started: float) -> dict:
+    """compression.json and compression.md in the staging dir (and the table printed): the summary."""
+    cfg, data = job.cfg, job.data
+    table = format_markdown(rows)
+    summary = {
+        "model": job.source, "data": job.data_uri,
+        "test_data": cfg.test_data or ("split 'test'" if "test" in data else None),
+        "rows": {s: int(len(v.labels)) for s, v in data.items()}, "batch_size": BENCH_BATCH,
+        "config": dataclasses.asdict(cfg), "skipped": skipped, "variants": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with open(os.path.join(job.staging, "compression.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(job.staging, "compression.md"), "w") as f:
+        f.write(f"Compression of `{cfg.model}` ({job.teacher_meta['version']}); images/s at batch {BENCH_BATCH}, "
+                f"agreement = same top-1 as the original on the tf runtime.\n\n{table}\n")
+    print(table, flush=True)
+    return summary

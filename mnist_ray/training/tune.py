@@ -39,23 +39,14 @@ from typing import ClassVar
 import pyarrow.fs as pafs
 
 from mnist_ray.formats import shards
-from mnist_ray.model import models
-from mnist_ray.plumbing import cluster, compat, storage
+from mnist_ray.plumbing import cluster, storage
 from mnist_ray.training import train
 from mnist_ray.errors import MnistRayError
+from mnist_ray.training.tune_space import SPACE_KEYS, parse_space, to_param_space, values_of
 
 log = logging.getLogger(__name__)
 
 METRIC, MODE = "val_accuracy", "max"
-# What a search may vary: the TrainConfig fields a trial overrides.
-SPACE_KEYS = ("model", "learning_rate", "batch_size", "augment", "width")
-DEFAULT_SPACE = {
-    "model": ["mlp", "cnn", "default"],
-    "learning_rate": {"loguniform": [3e-4, 1e-2]},
-    "batch_size": [32, 64, 128],
-    "augment": [False, True],
-    "width": [0.5, 1.0, 1.5],
-}
 # The trial itself only waits on its Ray Train run; its share keeps a CPU's worth for the
 # training worker plus Ray Data's reserve (compat.data_cpu_reserve, half a CPU) on 2 CPUs.
 TRIAL_CPU = 0.25
@@ -138,76 +129,6 @@ class TuneConfig:
                                  **overrides)
 
 
-# --- the search space (driver side, pure) ------------------------------------------------------
-
-def parse_space(cfg: TuneConfig) -> dict:
-    """The search space: the default one, updated by --space and --models, checked."""
-    space = dict(DEFAULT_SPACE)
-    if cfg.space:
-        try:
-            given = json.loads(cfg.space)
-        except json.JSONDecodeError as e:
-            raise MnistRayError(f"--space is not valid JSON ({e.msg} at character {e.pos}): "
-                                "e.g. '{\"model\": [\"cnn\"], \"batch_size\": [32, 64]}'") from None
-        if not isinstance(given, dict):
-            raise MnistRayError("--space must be a JSON object mapping keys to values")
-        unknown = sorted(set(given) - set(SPACE_KEYS))
-        if unknown:
-            raise MnistRayError(f"unknown search space key(s) {', '.join(map(repr, unknown))}: "
-                                f"the keys are {', '.join(SPACE_KEYS)}")
-        space.update(given)
-    if cfg.models:
-        space["model"] = [m.strip() for m in cfg.models.split(",") if m.strip()]
-    for key in SPACE_KEYS:
-        _check_values(key, space[key], cfg)
-    return space
-
-
-def _values(spec) -> list:
-    if isinstance(spec, dict):
-        return list(next(iter(spec.values())))
-    return list(spec) if isinstance(spec, list) else [spec]
-
-
-def _check_values(key: str, spec, cfg: TuneConfig) -> None:
-    if isinstance(spec, dict):
-        if (len(spec) != 1 or next(iter(spec)) not in ("loguniform", "uniform")
-                or key not in ("learning_rate", "width")):
-            raise MnistRayError(f"--space {key!r}: a range is {{\"loguniform\": [LO, HI]}} or "
-                                "{\"uniform\": [LO, HI]}, for learning_rate and width only")
-        lo_hi = _values(spec)
-        if len(lo_hi) != 2 or not all(isinstance(v, (int, float)) for v in lo_hi) or not 0 < lo_hi[0] < lo_hi[1]:
-            raise MnistRayError(f"--space {key!r}: a range needs [LO, HI] with 0 < LO < HI")
-        return
-    values = _values(spec)
-    if not values:
-        raise MnistRayError(f"--space {key!r}: give at least one value")
-    for v in values:
-        if key == "model":
-            models.get_spec(v)  # names the known models when unknown
-        elif key == "augment" and not isinstance(v, bool):
-            raise MnistRayError(f"--space 'augment': {v!r} is not true or false")
-        elif key == "batch_size" and (not isinstance(v, int) or isinstance(v, bool) or v < cfg.workers):
-            raise MnistRayError(f"--space 'batch_size': {v!r} is not an integer of at least --workers")
-        elif key in ("learning_rate", "width") and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                                    or not v > 0):
-            raise MnistRayError(f"--space {key!r}: {v!r} is not a positive number")
-
-
-def to_param_space(space: dict) -> dict:
-    """Ray Tune domains, which OptunaSearch turns into Optuna distributions."""
-    from ray import tune
-
-    out = {}
-    for key, spec in space.items():
-        if isinstance(spec, dict):
-            kind, (lo, hi) = next(iter(spec.items()))
-            out[key] = tune.loguniform(lo, hi) if kind == "loguniform" else tune.uniform(lo, hi)
-        else:
-            out[key] = tune.choice(_values(spec))  # one value: still a choice, so Optuna records it
-    return out
-
-
 # --- one trial (runs in a Ray Tune trial actor) ----------------------------------------------------
 
 def tune_trial(config: dict, *, tune_cfg: TuneConfig, datasets: dict, train_rows: int, cpus: float,
@@ -248,7 +169,7 @@ def trial_rows(results, cfg: TuneConfig) -> tuple[list[dict], dict]:
         history = []
         if df is not None and METRIC in df and "epoch" in df:
             # A restarted trial may report an epoch twice: the last report of each epoch counts.
-            df = df.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+            df = df.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last").sortvalues_of("epoch")
             history = [{"epoch": int(r["epoch"]), METRIC: float(r[METRIC]),
                         "checkpoint_path": r.get("checkpoint_path"),
                         "time_total_s": float(r.get("time_total_s", 0.0))}
@@ -333,7 +254,7 @@ def run(cfg: TuneConfig) -> dict:
     cfg.validate()
     space = parse_space(cfg)
     _, manifest = shards.open_shards(cfg.data)
-    base = cfg.train_config(model=_values(space["model"])[0]).resolved()
+    base = cfg.train_config(model=values_of(space["model"])[0]).resolved()
     train_splits, holdout, train_rows = train.check_data(base, manifest)
     out_loc = storage.prepare_directory_output(cfg.output, overwrite=cfg.overwrite, marker="results.json",
                                                what="search results dir")
@@ -344,65 +265,17 @@ def run(cfg: TuneConfig) -> dict:
         # Up to 1 CPU per worker (GPU workers: their node's CPUs per GPU), leaving the trial's share
         # and Ray Data's reserve free.
         cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
-
-        import ray.tune
-        from optuna.samplers import TPESampler
-        from ray.tune.schedulers import ASHAScheduler
-        from ray.tune.search.optuna import OptunaSearch
-
-        from mnist_ray.training.tune_callbacks import ReleaseTrainWorkers
-
         # Tune saves the experiment state at most every 10 s by default: a search killed in that
         # window would forget a finished trial and run it again.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
         started = time.perf_counter()
         train_ds, val_ds = train.load_datasets(base, train_splits, holdout)
         datasets = {"train": train_ds, "val": val_ds}
-        trials_uri = loc.scheme + loc.join(f"{name}-trials")
-        trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(tune_trial, tune_cfg=cfg, datasets=datasets, train_rows=train_rows,
-                                     cpus=cpus, trials_uri=trials_uri),
-            {"CPU": TRIAL_CPU})
-        if restore:
-            log.info("tune: resuming the search %s", loc.uri_of(name))
-            tuner = ray.tune.Tuner.restore(loc.join(name), trainable, resume_unfinished=True,
-                                           storage_filesystem=loc.fs)
-        else:
-            # TPE starts modelling after a third of the trials (Optuna's default is 10: random search
-            # for every small search); seeded, so a search is repeatable.
-            sampler = TPESampler(seed=cfg.seed, n_startup_trials=max(1, cfg.trials // 3))
-            tuner = ray.tune.Tuner(
-                trainable,
-                param_space=to_param_space(space),
-                tune_config=ray.tune.TuneConfig(
-                    metric=METRIC, mode=MODE, num_samples=cfg.trials, time_budget_s=cfg.time_budget,
-                    # One trial at a time: trials share the machine's CPUs with their own data tasks,
-                    # and Optuna proposes each trial knowing every earlier result.
-                    max_concurrent_trials=1,
-                    search_alg=OptunaSearch(sampler=sampler),
-                    # max_t one past the last epoch: ASHA stops any trial that reaches max_t, which
-                    # would end a trial's actor at its final report, before its Ray Train run returns
-                    # and releases its workers (see ReleaseTrainWorkers); so trials that run to the
-                    # end return normally.
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs + 1, grace_period=cfg.grace_period,
-                                            reduction_factor=cfg.reduction_factor),
-                    trial_dirname_creator=trial_dirname),
-                run_config=ray.tune.RunConfig(
-                    name=name, storage_path=loc.path, storage_filesystem=loc.fs, verbose=1,
-                    # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
-                    # and its Ray Train run continues from the last epoch checkpoint.
-                    failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
-                    callbacks=[ReleaseTrainWorkers(
-                        {"CPU": cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}, cfg.workers)]),
-            )
+        tuner = make_tuner(cfg, space, name, loc, restore, datasets=datasets, train_rows=train_rows, cpus=cpus)
         results = tuner.fit()
     search_seconds = time.perf_counter() - started
     rows, histories = trial_rows(results, cfg)
-    if not rows or rows[0]["best_val_accuracy"] is None:
-        errors = [r["error"] for r in rows if r["error"]]
-        raise MnistRayError(f"no trial of the search {name} reported a validation accuracy"
-                            + (f"; first error: {errors[0]}" if errors else "")
-                            + ": check the data and settings, then rerun with --overwrite")
+    check_a_trial_reported(rows, name)
     best = rows[0]
     summary = _publish(cfg, out_loc, rows, histories, space, name, loc, datasets, manifest, search_seconds)
     counts = {key: sum(r["status"] == s for r in rows)
@@ -411,6 +284,63 @@ def run(cfg: TuneConfig) -> dict:
             "search_seconds": round(search_seconds, 1),
             "best": {k: best[k] for k in ("trial_id", *SPACE_KEYS, "best_val_accuracy", "best_epoch")},
             "best_model": posixpath.join(cfg.output, "best"), **summary}
+
+
+def make_tuner(cfg: TuneConfig, space: dict, name: str, loc: storage.Location, restore: bool, *,
+               datasets: dict, train_rows: int, cpus: float):
+    """The Tuner of the search: the earlier run of this experiment restored, or a new one."""
+    import ray.tune
+    from optuna.samplers import TPESampler
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mnist_ray.training.tune_callbacks import ReleaseTrainWorkers
+
+    trials_uri = loc.scheme + loc.join(f"{name}-trials")
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(tune_trial, tune_cfg=cfg, datasets=datasets, train_rows=train_rows,
+                                 cpus=cpus, trials_uri=trials_uri),
+        {"CPU": TRIAL_CPU})
+    if restore:
+        log.info("tune: resuming the search %s", loc.uri_of(name))
+        return ray.tune.Tuner.restore(loc.join(name), trainable, resume_unfinished=True,
+                                      storage_filesystem=loc.fs)
+    # TPE starts modelling after a third of the trials (Optuna's default is 10: random search
+    # for every small search); seeded, so a search is repeatable.
+    sampler = TPESampler(seed=cfg.seed, n_startup_trials=max(1, cfg.trials // 3))
+    return ray.tune.Tuner(
+        trainable,
+        param_space=to_param_space(space),
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC, mode=MODE, num_samples=cfg.trials, time_budget_s=cfg.time_budget,
+            # One trial at a time: trials share the machine's CPUs with their own data tasks,
+            # and Optuna proposes each trial knowing every earlier result.
+            max_concurrent_trials=1,
+            search_alg=OptunaSearch(sampler=sampler),
+            # max_t one past the last epoch: ASHA stops any trial that reaches max_t, which
+            # would end a trial's actor at its final report, before its Ray Train run returns
+            # and releases its workers (see ReleaseTrainWorkers); so trials that run to the
+            # end return normally.
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.epochs + 1, grace_period=cfg.grace_period,
+                                    reduction_factor=cfg.reduction_factor),
+            trial_dirname_creator=trial_dirname),
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=loc.path, storage_filesystem=loc.fs, verbose=1,
+            # A trial whose actor died (a node lost, a crash in Ray's own threads) runs again
+            # and its Ray Train run continues from the last epoch checkpoint.
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[ReleaseTrainWorkers(
+                {"CPU": cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}, cfg.workers)]),
+    )
+
+
+def check_a_trial_reported(rows: list[dict], name: str) -> None:
+    """Fails in words when no trial reported a validation accuracy (there is no best model)."""
+    if not rows or rows[0]["best_val_accuracy"] is None:
+        errors = [r["error"] for r in rows if r["error"]]
+        raise MnistRayError(f"no trial of the search {name} reported a validation accuracy"
+                            + (f"; first error: {errors[0]}" if errors else "")
+                            + ": check the data and settings, then rerun with --overwrite")
 
 
 def _publish(cfg: TuneConfig, out_loc: storage.Location, rows: list[dict], histories: dict, space: dict,

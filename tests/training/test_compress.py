@@ -9,7 +9,8 @@ import pytest
 
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster
-from mnist_ray.training.compress import CompressConfig, kernel_sparsity, load_data, run, soft_targets
+from mnist_ray.training.compress import CompressConfig, load_data, run
+from mnist_ray.training.compress_methods import kernel_sparsity, soft_targets
 from mnist_ray.errors import MnistRayError
 
 cluster.configure_process_env()

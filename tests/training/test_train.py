@@ -16,8 +16,9 @@ from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
 from mnist_ray.plumbing import cluster
 from mnist_ray.errors import MnistRayError
-from mnist_ray.training.train import (HOLDOUT_BUCKETS, TrainConfig, WeightEMA, check_data, assign_split,
-                             augment_batch, decode_for_training, run)
+from mnist_ray.training.train import (HOLDOUT_BUCKETS, TrainConfig, check_data, assign_split,
+                                      decode_for_training, run)
+from mnist_ray.training.train_worker import WeightEMA, augment_batch
 
 cluster.configure_process_env()
 

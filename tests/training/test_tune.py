@@ -17,7 +17,8 @@ from mnist_ray.images import preprocess
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster
 from mnist_ray.errors import MnistRayError
-from mnist_ray.training.tune import SPACE_KEYS, TuneConfig, parse_space, run
+from mnist_ray.training.tune import TuneConfig, run
+from mnist_ray.training.tune_space import SPACE_KEYS, parse_space
 
 cluster.configure_process_env()
 
