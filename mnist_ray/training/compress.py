@@ -39,7 +39,7 @@ from mnist_ray.model import export, models, runtimes
 from mnist_ray.plumbing import cluster, storage
 from mnist_ray.errors import MnistRayError
 from mnist_ray.training.compress_methods import distill, prune, quantization_aware
-from mnist_ray.training.compress_scoring import BENCH_BATCH, format_markdown, score
+from mnist_ray.training.compress_scoring import BENCH_BATCH, Split, format_markdown, score
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,6 @@ class CompressConfig:
 
 
 # --- data --------------------------------------------------------------------------------------
-
-@dataclass
-class Split:
-    images: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
-    labels: np.ndarray  # int32 (N,)
-
 
 class ArraysDataset:
     """Numpy arrays behind the one method export.export reads (``iter_batches``), so the variants

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from mnist_ray.model import models, runtimes
 from mnist_ray.errors import MnistRayError
-from mnist_ray.training.compress_scoring import BENCH_BATCH
+from mnist_ray.training.compress_scoring import BENCH_BATCH, Split
 
-if TYPE_CHECKING:
-    from mnist_ray.training.compress import CompressConfig, Split
+
+class FineTuneFlags(Protocol):
+    """The flags of `mnist-ray compress` that the methods read (CompressConfig has them)."""
+    alpha: float
+    batch_size: int
+    epochs: int
+    learning_rate: float
+    seed: int
+    sparsity: float
+    student: str
+    student_epochs: int
+    student_learning_rate: float
+    temperature: float
 
 
 def _one_hot(labels: np.ndarray) -> np.ndarray:
@@ -37,7 +48,7 @@ def _load_teacher(model_local: str):
     return models.keras().models.load_model(os.path.join(model_local, "model.keras"), compile=False)
 
 
-def quantization_aware(cfg: CompressConfig, model_local: str, data: dict[str, Split], out_dir: str) -> dict:
+def quantization_aware(cfg: FineTuneFlags, model_local: str, data: dict[str, Split], out_dir: str) -> dict:
     """Fine-tune with fake-quantized weights and activations, then convert to a full-integer TFLite."""
     import tensorflow as tf
 
@@ -76,7 +87,7 @@ def kernel_sparsity(model) -> float:
     return zeros / total if total else 0.0
 
 
-def prune(cfg: CompressConfig, model_local: str, data: dict[str, Split], keras_path: str) -> dict:
+def prune(cfg: FineTuneFlags, model_local: str, data: dict[str, Split], keras_path: str) -> dict:
     """Magnitude pruning to ``cfg.sparsity`` during a short fine-tune; the stripped model is saved."""
     k, tfmot = models.keras(), _tfmot()
     k.utils.set_random_seed(cfg.seed)
@@ -136,7 +147,7 @@ def accuracy(y_true, y_pred):
     return tf.cast(tf.equal(tf.argmax(y_true[:, :models.NUM_CLASSES], 1), tf.argmax(y_pred, 1)), tf.float32)
 
 
-def distill(cfg: CompressConfig, teacher, data: dict[str, Split], keras_path: str) -> dict:
+def distill(cfg: FineTuneFlags, teacher, data: dict[str, Split], keras_path: str) -> dict:
     """Train ``cfg.student`` from scratch on the teacher's softened outputs and the labels."""
     k = models.keras()
     tr, va = data["train"], data["val"]

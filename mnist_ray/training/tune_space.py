@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from mnist_ray.model import models
 from mnist_ray.errors import MnistRayError
 
-if TYPE_CHECKING:
-    from mnist_ray.training.tune import TuneConfig
+
+class SpaceFlags(Protocol):
+    """The flags of `mnist-ray tune` that shape the search space (TuneConfig has them)."""
+    space: str | None
+    models: str | None
+    workers: int
+
 
 # What a search may vary: the TrainConfig fields a trial overrides.
 SPACE_KEYS = ("model", "learning_rate", "batch_size", "augment", "width")
@@ -22,7 +27,7 @@ DEFAULT_SPACE = {
 }
 
 
-def parse_space(cfg: TuneConfig) -> dict:
+def parse_space(cfg: SpaceFlags) -> dict:
     """The search space: the default one, updated by --space and --models, checked."""
     space = dict(DEFAULT_SPACE)
     if cfg.space:
@@ -52,7 +57,7 @@ def values_of(spec) -> list:
     return list(spec) if isinstance(spec, list) else [spec]
 
 
-def _check_values(key: str, spec, cfg: TuneConfig) -> None:
+def _check_values(key: str, spec, cfg: SpaceFlags) -> None:
     if isinstance(spec, dict):
         if (len(spec) != 1 or next(iter(spec)) not in ("loguniform", "uniform")
                 or key not in ("learning_rate", "width")):
