@@ -169,7 +169,7 @@ def trial_rows(results, cfg: TuneConfig) -> tuple[list[dict], dict]:
         history = []
         if df is not None and METRIC in df and "epoch" in df:
             # A restarted trial may report an epoch twice: the last report of each epoch counts.
-            df = df.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last").sortvalues_of("epoch")
+            df = df.dropna(subset=[METRIC]).drop_duplicates("epoch", keep="last").sort_values("epoch")
             history = [{"epoch": int(r["epoch"]), METRIC: float(r[METRIC]),
                         "checkpoint_path": r.get("checkpoint_path"),
                         "time_total_s": float(r.get("time_total_s", 0.0))}
