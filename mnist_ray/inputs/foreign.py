@@ -9,6 +9,7 @@ that drives them is ``readers.read_pieces`` over the row groups ``plan`` lists.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -31,7 +32,8 @@ IMAGE_NAMES = ("image", "img", "images", "png", "jpg", "jpeg", "picture")
 ID_NAMES = ("id", "image_id", "uid", "key", "__key__")
 LABEL_NAMES = ("label", "labels", "class", "target", "digit", "y", "cls")
 SPLIT_NAMES = ("split",)
-RAY_TENSOR_NAMES = (b"ray.data.arrow_tensor", b"ray.data.arrow_tensor_v2", b"ray.data.arrow_variable_shaped_tensor")
+VARIABLE_TENSOR = b"ray.data.arrow_variable_shaped_tensor"
+RAY_TENSOR_NAMES = (b"ray.data.arrow_tensor", b"ray.data.arrow_tensor_v2", VARIABLE_TENSOR)
 ROW_FORM = pa.schema([
     pa.field("id", pa.string()), pa.field("image", pa.binary()), pa.field("label", pa.int8()),
     pa.field("split", pa.string()), pa.field("path", pa.string()),
@@ -95,20 +97,49 @@ def hf_features(schema: pa.Schema) -> dict:
         return {}
 
 
+def ray_tensor_shape(name: bytes | None, serialized: bytes | None) -> tuple[int, ...] | None:
+    """The fixed shape a Ray tensor column's Parquet metadata records; None when it has none.
+
+    Ray 2.60 serializes it as JSON (``ray.data._internal.tensor_extensions.arrow``): the
+    shape as a list (``[28, 28]``) for ``arrow_tensor``/``arrow_tensor_v2``, the number of
+    dimensions (``2``) for ``arrow_variable_shaped_tensor``, whose every row has its own shape.
+    Ray 2.49-2.54 wrote cloudpickle, which is never loaded here: such a column's shape is
+    unknown (square rows, or --image-shape).
+    """
+    if name not in RAY_TENSOR_NAMES or name == VARIABLE_TENSOR or not serialized:
+        return None
+    try:
+        value = json.loads(serialized)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(value, dict):
+        value = value.get("shape")
+    if isinstance(value, list) and value and all(isinstance(s, int) and s > 0 for s in value):
+        return tuple(value)
+    return None
+
+
 def _storage_and_shape(field: pa.Field) -> tuple[pa.DataType, tuple[int, ...] | None]:
-    """A Ray tensor column's storage type and fixed shape (registered or not), else (type, None)."""
+    """A tensor column's storage type and fixed shape (registered or not), else (type, None)."""
     t = field.type
     if isinstance(t, pa.ExtensionType):
-        shape = getattr(t, "shape", None)
-        return t.storage_type, tuple(shape) if shape and all(s is not None for s in shape) else None
-    meta = field.metadata or {}
-    if meta.get(b"ARROW:extension:name") in RAY_TENSOR_NAMES:
         try:
-            shape = json.loads(meta.get(b"ARROW:extension:metadata", b"{}")).get("shape")
-        except ValueError:
-            shape = None
-        return t, tuple(shape) if shape else None
-    return t, None
+            shape = tuple(t.shape)
+        except (AttributeError, TypeError, ValueError):
+            shape = ()
+        fixed = bool(shape) and all(isinstance(s, int) and s > 0 for s in shape)
+        return t.storage_type, shape if fixed else None
+    meta = field.metadata or {}
+    return t, ray_tensor_shape(meta.get(b"ARROW:extension:name"), meta.get(b"ARROW:extension:metadata"))
+
+
+def _is_variable_tensor(t: pa.DataType) -> bool:
+    """Ray's variable-shaped tensor storage: struct {data: list<uint8>, shape: list<int>}."""
+    if not pa.types.is_struct(t) or {t.field(i).name for i in range(t.num_fields)} != {"data", "shape"}:
+        return False
+    data, shape = t.field("data").type, t.field("shape").type
+    return _uint8_depth(data) == (1, (0,)) and (pa.types.is_list(shape) or pa.types.is_large_list(shape)) \
+        and pa.types.is_integer(shape.value_type)
 
 
 def _uint8_depth(t: pa.DataType) -> tuple[int, tuple[int, ...]] | None:
@@ -127,6 +158,8 @@ def image_kind(field: pa.Field, features: dict) -> str | None:
     if features.get(field.name, {}).get("_type") == "Image":
         return "hf"
     t, _ = _storage_and_shape(field)
+    if _is_variable_tensor(t):
+        return "pixels"  # Ray's read_images of images of several sizes: each row has its shape
     if pa.types.is_struct(t):
         names = {t.field(i).name for i in range(t.num_fields)}
         inner = t.field("bytes").type if "bytes" in names else None
@@ -149,6 +182,8 @@ def _pixel_shape(field: pa.Field, image_shape: tuple[int, ...] | None) -> tuple[
     if pa.types.is_fixed_size_binary(t):
         side = math.isqrt(t.byte_width)
         return (side, side)
+    if _is_variable_tensor(t):
+        return None  # per row, from its own shape
     depth, sizes = _uint8_depth(t)
     if depth >= 2 and all(sizes[:3]):
         return sizes[:3]
@@ -240,6 +275,16 @@ def pixel_rows(column: pa.Array, shape: tuple[int, ...] | None) -> list[np.ndarr
     if pa.types.is_fixed_size_binary(column.type):
         for v in column.to_pylist():
             out.append(None if v is None else np.frombuffer(v, np.uint8))
+    elif _is_variable_tensor(column.type):
+        valid = column.is_valid().to_pylist()
+        data, dims_ = column.flatten()  # children sliced like the struct (field() is not)
+        for ok, v, dims in zip(valid, data.to_numpy(zero_copy_only=False), dims_.to_pylist()):
+            if not ok or v is None or dims is None:
+                out.append(None)
+            elif math.prod(dims) != len(v):
+                out.append(f"ValueError: {len(v)} pixels do not make a {'x'.join(map(str, dims))} image")
+            else:
+                out.append(np.asarray(v, np.uint8).reshape(dims))
     else:
         for v in column.to_numpy(zero_copy_only=False):
             if v is None:
@@ -250,7 +295,7 @@ def pixel_rows(column: pa.Array, shape: tuple[int, ...] | None) -> list[np.ndarr
                 flat = np.stack(list(flat))
             out.append(flat.astype(np.uint8, copy=False))
     for i, v in enumerate(out):
-        if v is None:
+        if v is None or isinstance(v, str):
             continue
         if shape is not None:
             if v.size != math.prod(shape):
@@ -437,6 +482,9 @@ class Piece:
     first_row: int
     rows: int
     bytes: int
+    # The file's own pixel shape: Ray writes each block with a fixed shape when its images
+    # share one, so the files of one read_images differ.
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -463,7 +511,8 @@ class ParquetInput:
         first = self.pieces[0]
         with self.files.root.fs.open_input_file(first.path) as f:
             table = pq.ParquetFile(f).read_row_group(first.row_groups[0], columns=self.columns.read_columns())
-        return to_rows(table.slice(0, n), self.columns, first.file_id, first.first_row, encode=False)
+        columns = dataclasses.replace(self.columns, shape=first.shape)
+        return to_rows(table.slice(0, n), columns, first.file_id, first.first_row, encode=False)
 
     def ids(self) -> Iterable[pa.Array]:
         """Every row's id, one piece at a time (reconciliation)."""
@@ -494,7 +543,8 @@ def read_piece(piece: Piece, fs: pafs.FileSystem, columns: Columns, encode: bool
 
     with fs.open_input_file(piece.path) as f:
         table = pq.ParquetFile(f).read_row_groups(list(piece.row_groups), columns=columns.read_columns())
-    yield to_rows(table, columns, piece.file_id, piece.first_row, encode=encode)
+    yield to_rows(table, dataclasses.replace(columns, shape=piece.shape), piece.file_id, piece.first_row,
+                  encode=encode)
 
 
 def open_parquet(uri: str, *, image_column: str | None = None, id_column: str | None = None,
@@ -513,11 +563,15 @@ def open_parquet(uri: str, *, image_column: str | None = None, id_column: str | 
                 schema = meta.schema.to_arrow_schema()
         except (OSError, pa.ArrowInvalid) as e:
             raise MnistRayError(f"{info.path} is not a readable Parquet file ({str(e).splitlines()[0]})") from e
-        found = detect(schema, image_column=image_column, id_column=id_column, label_column=label_column,
-                       image_shape=shape)
+        try:
+            found = detect(schema, image_column=image_column, id_column=id_column, label_column=label_column,
+                           image_shape=shape)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:  # a schema no rule here expected
+            raise MnistRayError(f"{files.rel(info)}: columns not understood ({_describe(schema)}): "
+                                f"{type(e).__name__}: {e}") from e
         if columns is None:
             columns = found
-        elif found != columns:
+        elif dataclasses.replace(found, shape=None) != dataclasses.replace(columns, shape=None):
             theirs, ours = (f"{c.image}/{c.id}/{c.label}" for c in (found, columns))
             raise MnistRayError(f"{files.rel(info)} has other columns than {files.rel(files.files[0])} "
                                 f"(image/id/label {theirs} vs {ours}): give files of one layout")
@@ -525,7 +579,8 @@ def open_parquet(uri: str, *, image_column: str | None = None, id_column: str | 
         for i in range(meta.num_row_groups):
             rg = meta.row_group(i)
             if group and group_rows + rg.num_rows > PIECE_ROWS:
-                pieces.append(Piece(info.path, files.rel(info), tuple(group), first, group_rows, group_bytes))
+                pieces.append(Piece(info.path, files.rel(info), tuple(group), first, group_rows, group_bytes,
+                                    found.shape))
                 group, group_rows, group_bytes = [], 0, 0
             if not group:
                 first = start
@@ -534,7 +589,8 @@ def open_parquet(uri: str, *, image_column: str | None = None, id_column: str | 
             group_bytes += rg.total_byte_size
             start += rg.num_rows
         if group:
-            pieces.append(Piece(info.path, files.rel(info), tuple(group), first, group_rows, group_bytes))
+            pieces.append(Piece(info.path, files.rel(info), tuple(group), first, group_rows, group_bytes,
+                                    found.shape))
         rows += meta.num_rows
     settings = {"image": columns.image, "id": columns.id, "label": columns.label, "shape": columns.shape}
     return ParquetInput(uri, files, columns, tuple(pieces), rows, fingerprint("parquet", files, settings))
