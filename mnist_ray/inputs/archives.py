@@ -309,7 +309,7 @@ class ArchiveInput:
         return next(iter(read_piece(first, self.fs, False))).slice(0, n)
 
     def dataset(self, encode: bool = False, num_cpus: float | None = None):
-        from mnist_ray.inputs import readers
+        from mnist_ray.formats import readers
 
         read = functools.partial(read_piece, fs=self.fs, encode=encode)
         return readers.read_pieces(self.pieces, read, "Archive", foreign.ROW_FORM, num_cpus=num_cpus)

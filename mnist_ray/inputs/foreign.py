@@ -530,7 +530,7 @@ class ParquetInput:
         """The streaming Ray Dataset of the input's rows in the row form."""
         import functools
 
-        from mnist_ray.inputs import readers
+        from mnist_ray.formats import readers
 
         # Each task gets its piece and a few small arguments, not the whole plan.
         read = functools.partial(read_piece, fs=self.files.root.fs, columns=self.columns, encode=encode)
