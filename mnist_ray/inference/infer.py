@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 
 from mnist_ray import __version__
 from mnist_ray.formats import predictions, shards
-from mnist_ray.inputs import foreign, sources
+from mnist_ray.inputs import sources
+from mnist_ray.inputs.columns import ColumnChoice
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster, compat, gpu, lock, storage
 from mnist_ray.inference import plan as planning
@@ -112,7 +113,7 @@ def run(cfg: InferConfig) -> dict:
     runtimes.check(model_local, expected_runtime)
     with lock.output_lock(cfg.output):  # one writer per output: a second run is refused, naming this one
         loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-        source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
+        source = sources.open_source(cfg.input, ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
                                                                      cfg.image_shape), model_metadata=metadata)
         # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
         # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;

@@ -23,6 +23,8 @@ import pyarrow.fs as pafs
 
 from mnist_ray.formats import shards
 from mnist_ray.inputs import datasets, foreign
+from mnist_ray.inputs.columns import ColumnChoice
+from mnist_ray.inputs.files import PARQUET_EXTENSIONS, is_glob
 from mnist_ray.plumbing import storage
 from mnist_ray.errors import MnistRayError
 
@@ -210,20 +212,20 @@ class ArchiveSource(PlannedSource):
 
 class ParquetSource(PlannedSource):
     """Parquet mnist-ray did not write (``parquet:PATH``, a .parquet file, a glob, a directory of
-    them): the image, id and label columns found by ``foreign.detect`` or named by flags."""
+    them): the image, id and label columns found by ``columns.detect`` or named by flags."""
 
     kind = "parquet"
     PREFIX = "parquet:"
 
-    def __init__(self, uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()):
+    def __init__(self, uri: str, columns: ColumnChoice = ColumnChoice()):
         planned = foreign.open_parquet(uri.removeprefix(self.PREFIX), **columns.as_kwargs())
         super().__init__(uri, planned)
 
     @classmethod
     def claims(cls, uri: str) -> bool:
-        if uri.startswith(cls.PREFIX) or uri.lower().endswith(foreign.PARQUET_EXTENSIONS):
+        if uri.startswith(cls.PREFIX) or uri.lower().endswith(PARQUET_EXTENSIONS):
             return True
-        if foreign.is_glob(uri):
+        if is_glob(uri):
             return False  # a glob of images is an error of the image folder kind
         loc = storage.resolve(uri)
         try:
@@ -234,7 +236,7 @@ class ParquetSource(PlannedSource):
             raise MnistRayError(storage.describe_error(e, uri)) from e
         names = [i.base_name.lower() for i in infos if i.type == pafs.FileType.File]
         # A directory of Parquet files (and no images): a Hugging Face or Ray Data export.
-        return any(n.endswith(foreign.PARQUET_EXTENSIONS) for n in names) and \
+        return any(n.endswith(PARQUET_EXTENSIONS) for n in names) and \
             not any(n.endswith(datasets.IMAGE_EXTENSIONS) for n in names)
 
     def describe(self) -> dict:
@@ -246,7 +248,7 @@ class ParquetSource(PlannedSource):
 KINDS: tuple[type[Source], ...] = (ShardSource, ArchiveSource, ParquetSource, ImageFolderSource)
 
 
-def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice(),
+def open_source(uri: str, columns: ColumnChoice = ColumnChoice(),
                 model_metadata: dict | None = None) -> Source:
     """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet;
     ``model_metadata`` (the model's metadata.json) decides whether stored pixels are usable."""
@@ -255,7 +257,7 @@ def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()
         return kind(uri, model_metadata)
     if kind is ParquetSource:
         return kind(uri, columns)
-    if columns != foreign.ColumnChoice():
+    if columns != ColumnChoice():
         raise MnistRayError(f"--image-column, --id-column, --label-column and --image-shape are for Parquet input; "
                             f"{uri} is {kind.kind}")
     return kind(uri)

@@ -20,6 +20,7 @@ import pyarrow as pa
 from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
 from mnist_ray.inputs import archives, datasets, foreign
+from mnist_ray.inputs.columns import ColumnChoice
 from mnist_ray.plumbing import cluster, lock, storage
 from mnist_ray.errors import MnistRayError
 
@@ -128,11 +129,11 @@ def _array_blocks(data: datasets.ArrayDataset, limit: int | None, block_rows: in
 
 def load_source(cfg: PrepareConfig):
     """``cfg.source`` -> arrays, an image folder listing, or a planned read (Parquet, archives)."""
-    columns = foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column, cfg.image_shape)
+    columns = ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column, cfg.image_shape)
     kind, _, rest = cfg.source.partition(":")
     if kind == "parquet":
         return foreign.open_parquet(rest, **columns.as_kwargs())
-    if columns != foreign.ColumnChoice():
+    if columns != ColumnChoice():
         raise MnistRayError("--image-column, --id-column, --label-column and --image-shape are for "
                             "--source parquet:PATH")
     if kind == "images" and archives.is_archive(rest):

@@ -10,7 +10,8 @@ import pytest
 
 from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
-from mnist_ray.inputs import foreign
+from mnist_ray.inputs import columns, files, foreign
+from mnist_ray.inputs.rows import ROW_FORM
 from mnist_ray.errors import MnistRayError
 
 
@@ -46,7 +47,7 @@ def test_a_datasets_parquet_is_read_with_its_class_names_and_stable_ids(hf_parqu
     assert cols.label_names == tuple(f"digit {i}" for i in range(10))
     assert plan.rows == 60 and [p.rows for p in plan.pieces] == [60]  # small row groups merged
     rows = pa.concat_tables([t for p in plan.pieces for t in plan.read_piece(p)])
-    assert rows.schema.equals(foreign.ROW_FORM)
+    assert rows.schema.equals(ROW_FORM)
     assert rows["id"].to_pylist() == [f"test-00000-of-00001.parquet#{i}" for i in range(60)]
     assert rows["label"].to_pylist() == labels[:60].tolist()
     assert rows["error"].null_count == 60
@@ -207,19 +208,19 @@ def test_every_tensor_column_ray_writes_is_read_with_or_without_ray_imported(ray
 
 def test_ray_tensor_metadata_of_any_version_gives_a_shape_or_none():
     v2, var = b"ray.data.arrow_tensor_v2", b"ray.data.arrow_variable_shaped_tensor"
-    assert foreign.ray_tensor_shape(v2, b"[28, 28]") == (28, 28)
-    assert foreign.ray_tensor_shape(b"ray.data.arrow_tensor", b'{"shape": [28, 28, 3]}') == (28, 28, 3)
-    assert foreign.ray_tensor_shape(var, b"2") is None
-    assert foreign.ray_tensor_shape(v2, b"\x80\x05\x95 cloudpickle") is None  # Ray 2.49-2.54: never unpickled
-    assert foreign.ray_tensor_shape(v2, b"[]") is None and foreign.ray_tensor_shape(v2, b'"x"') is None
-    assert foreign.ray_tensor_shape(b"other", b"[28, 28]") is None
+    assert columns.ray_tensor_shape(v2, b"[28, 28]") == (28, 28)
+    assert columns.ray_tensor_shape(b"ray.data.arrow_tensor", b'{"shape": [28, 28, 3]}') == (28, 28, 3)
+    assert columns.ray_tensor_shape(var, b"2") is None
+    assert columns.ray_tensor_shape(v2, b"\x80\x05\x95 cloudpickle") is None  # Ray 2.49-2.54: never unpickled
+    assert columns.ray_tensor_shape(v2, b"[]") is None and columns.ray_tensor_shape(v2, b'"x"') is None
+    assert columns.ray_tensor_shape(b"other", b"[28, 28]") is None
     meta = {b"ARROW:extension:name": v2, b"ARROW:extension:metadata": b"[2, 2]"}
     floats = pa.schema([pa.field("image", pa.large_list(pa.float32()), metadata=meta)])
     with pytest.raises(MnistRayError, match=r"no image column .*image \(large_list<item: float>\)") as e:
-        foreign.detect(floats)
+        columns.detect(floats)
     assert "\n" not in str(e.value)
     with pytest.raises(MnistRayError, match=r"--image-column 'image' is large_list<item: float>, not images"):
-        foreign.detect(floats, image_column="image")
+        columns.detect(floats, image_column="image")
 
 
 def test_bad_parquet_gives_one_line_errors(tmp_path):
@@ -250,7 +251,7 @@ def test_a_glob_and_the_fingerprint_of_files_without_a_manifest(tmp_path):
         pq.write_table(pa.table({"image": [b"x" * 3]}), tmp_path / f"{name}.parquet")
     (tmp_path / "_SUCCESS").write_bytes(b"")
     plan = foreign.open_parquet(str(tmp_path / "[ab].parquet"))
-    assert [foreign.FileSet.rel(plan.files, f) for f in plan.files.files] == ["a.parquet", "b.parquet"]
+    assert [files.FileSet.rel(plan.files, f) for f in plan.files.files] == ["a.parquet", "b.parquet"]
     before = foreign.open_parquet(str(tmp_path)).fingerprint
     assert foreign.open_parquet(str(tmp_path)).fingerprint == before  # stable
     assert foreign.open_parquet(str(tmp_path), image_column="image", id_column=None).fingerprint == before
