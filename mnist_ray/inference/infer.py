@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 
 from mnist_ray import __version__
 from mnist_ray.formats import predictions, shards
-from mnist_ray.inputs import sources
+from mnist_ray.inputs import registry, sources
 from mnist_ray.inputs.columns import ColumnChoice
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster, compat, gpu, lock, storage
@@ -113,8 +113,9 @@ def run(cfg: InferConfig) -> dict:
     runtimes.check(model_local, expected_runtime)
     with lock.output_lock(cfg.output):  # one writer per output: a second run is refused, naming this one
         loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-        source = sources.open_source(cfg.input, ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
-                                                                     cfg.image_shape), model_metadata=metadata)
+        source = registry.open_input(cfg.input, registry.INFER, registry.Options(
+            columns=ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column, cfg.image_shape),
+            model_metadata=metadata))
         # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
         # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
         # beside ray.init it held the GIL and slowed Ray's start-up.
