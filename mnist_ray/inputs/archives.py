@@ -1,14 +1,15 @@
-"""Archives of image folders in, without unpacking them to disk: ``.zip``, ``.tar``, ``.tar.gz``
-(``.tgz``), local or on object storage, and WebDataset-style tar shards (``KEY.png`` beside
-``KEY.cls``).
+"""Archives of image folders (.zip, .tar, .tar.gz, WebDataset shards) read as rows, never unpacked."""
 
-The driver lists the members (zip: the central directory; tar: the headers, read through a
-1 MiB buffer so small members cost no extra request); read tasks then fetch byte ranges of
-consecutive members in parallel, one range request each. gzip cannot seek, so a ``.tar.gz`` is
-listed by one pass in the driver and read by one streaming task. The class folder gives the
-label (``7/x.png``, as for ``images:PATH``); a member whose data is corrupt (CRC, deflate)
-becomes one error row.
-"""
+# Archives of image folders in, without unpacking them to disk: ``.zip``, ``.tar``, ``.tar.gz``
+# (``.tgz``), local or on object storage, and WebDataset-style tar shards (``KEY.png`` beside
+# ``KEY.cls``).
+#
+# The driver lists the members (zip: the central directory; tar: the headers, read through a
+# 1 MiB buffer so small members cost no extra request); read tasks then fetch byte ranges of
+# consecutive members in parallel, one range request each. gzip cannot seek, so a ``.tar.gz`` is
+# listed by one pass in the driver and read by one streaming task. The class folder gives the
+# label (``7/x.png``, as for ``images:PATH``); a member whose data is corrupt (CRC, deflate)
+# becomes one error row.
 
 from __future__ import annotations
 

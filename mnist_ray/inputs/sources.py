@@ -1,12 +1,11 @@
-"""Every kind of input behind one interface: what it is, a few rows, its ids, its Ray datasets.
+"""Every kind of input behind one interface: what it is, a few rows, its ids, its Ray datasets."""
 
-Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
-or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
-``predictor.prepare_rows`` turns into the model's input. For infer, a source answers without Ray
-what it is (``describe``), a few real rows (``sample``) and the digest of its ids (``digest``), and
-with Ray the streaming ``dataset``; for prepare, the rows to shard (``shard_rows``) and the class
-names they declare (``class_names``). Which command opens which kind is ``registry``'s.
-"""
+# Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
+# or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
+# ``predictor.prepare_rows`` turns into the model's input. For infer, a source answers without Ray
+# what it is (``describe``), a few real rows (``sample``) and the digest of its ids (``digest``), and
+# with Ray the streaming ``dataset``; for prepare, the rows to shard (``shard_rows``) and the class
+# names they declare (``class_names``). Which command opens which kind is ``registry``'s.
 
 from __future__ import annotations
 
