@@ -1,19 +1,10 @@
-"""infer: shards or image files -> Ray Data actor pool with a preloaded model -> predictions.
+"""infer: any input infer reads -> a Ray Data actor pool with a preloaded model -> predictions."""
 
-    input (sources) --read--> map_batches(prepare_rows: decode, MNIST-style crop/centre; tasks)
-          --> map_batches(PredictorActor, ActorPoolStrategy) (predictor)
-          --> write_parquet(OUTPUT/run-KEY/data) --> reconcile (id digests) --> _manifest.json --> _SUCCESS
-
-``run`` is the sequence: open the model and the input, connect, plan (plan), build the
-dataset, execute it, reconcile the output with the input, publish. The predictions format is
-``predictions``; Ray's edges that this job works around are in ``compat``.
-
-Resume is Ray Data's own checkpointing (``ray.data.checkpoint``): each write task records the
-ids it wrote in OUTPUT/run-KEY/checkpoint (two-phase, so a killed task's file is deleted on
-the next start), and a rerun filters those rows out right after the read. KEY hashes the input
-fingerprint, the model version and the runtime (and the run being replaced, with --overwrite),
-so another model or input never reuses partial work. Readers only see the manifest's files.
-"""
+# Resume is Ray Data's own checkpointing (``ray.data.checkpoint``): each write task records the
+# ids it wrote in OUTPUT/run-KEY/checkpoint (two-phase, so a killed task's file is deleted on
+# the next start), and a rerun filters those rows out right after the read. KEY hashes the input
+# fingerprint, the model version and the runtime (and the run being replaced, with --overwrite),
+# so another model or input never reuses partial work. Readers only see the manifest's files.
 
 from __future__ import annotations
 
@@ -126,8 +117,7 @@ def run(cfg: InferConfig) -> dict:
             ray_startup = connect_beside_smoke_test(cfg, background, model_local, expected_runtime, source, marks)
             expected = background.submit(source.digest, stop)
             plan, work = plan_run(cfg, loc, source, model_local, metadata, expected_runtime, scaling)
-            startup = time.perf_counter() - started
-            marks["planned"] = time.time()
+            startup, marks["planned"] = time.perf_counter() - started, time.time()
             seconds, timing = score(cfg, loc, source, plan, work, metadata)
             marks["written"] = time.time()
             figures = check_and_publish(cfg, loc, work, plan, source, metadata, expected,
@@ -145,12 +135,10 @@ def run(cfg: InferConfig) -> dict:
 def connect_beside_smoke_test(cfg: InferConfig, background, model_local: str, runtime: str, source, marks: dict) -> float:
     """Connect to Ray while the smoke test runs in ``background``: the seconds Ray took."""
     smoke = background.submit(lambda: smoke_test(model_local, runtime, source.sample(), cfg.model))
-    connecting = time.perf_counter()
-    marks["run_checks"] = time.time()
+    connecting, marks["run_checks"] = time.perf_counter(), time.time()
     try:
         cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output), shared_storage=cfg.shared_storage)
-        ray_startup = time.perf_counter() - connecting
-        marks["connected"] = time.time()
+        ray_startup, marks["connected"] = time.perf_counter() - connecting, time.time()
     finally:
         smoke.result()
     return ray_startup
@@ -159,30 +147,30 @@ def connect_beside_smoke_test(cfg: InferConfig, background, model_local: str, ru
 def plan_run(cfg: InferConfig, loc: storage.Location, source: sources.Source, model_local: str, metadata: dict,
              expected_runtime: str, scaling: contextlib.ExitStack) -> tuple[planning.Plan, str]:
     """The plan on this cluster and the run's work directory (where an earlier attempt left off)."""
-    version = metadata["version"]
+    def work(runtime: str) -> str:
+        return work_dir(loc, source.fingerprint, metadata["version"], runtime)
+
     resources, autoscaler_gpus = cluster_resources(cfg, scaling)
     plan = planning.make(cfg, resources, model_local, autoscaler_gpus=autoscaler_gpus,
-                         resumed_rows=lambda runtime: checkpointed_rows(loc, work_dir(loc, source.fingerprint, version, runtime)))
+                         resumed_rows=lambda runtime: checkpointed_rows(loc, work(runtime)))
     log.info("infer: plan: %s", plan.describe())
     if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
         runtimes.check(model_local, plan.runtime)
         smoke_test(model_local, plan.runtime, source.sample(), cfg.model)
-    work = work_dir(loc, source.fingerprint, version, plan.runtime)
     if plan.resumed_rows:
         log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
-                 f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
-    return plan, work
+                 f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work(plan.runtime)))
+    return plan, work(plan.runtime)
 
 
 def score(cfg: InferConfig, loc: storage.Location, source: sources.Source, plan: planning.Plan, work: str,
           metadata: dict) -> tuple[float, dict]:
     """Run the scoring dataset into ``work``'s data files, with its progress actor: (seconds, timings)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # On the driver's node: a zero-CPU actor could land on any node, and a lost worker
     # node would take the job's progress (and its summary) with it.
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
     try:
