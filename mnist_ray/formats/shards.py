@@ -310,7 +310,7 @@ def read_dataset(uri: str, columns: list[str] | None = None, num_cpus: float | N
     """
     import functools
 
-    from mnist_ray.inputs import readers
+    from mnist_ray.formats import readers
 
     loc, manifest = open_shards(uri)
     files = [ShardFile(path, f["rows"], f["bytes"]) for path, f in zip(shard_paths(loc, manifest), manifest["files"])]

@@ -1,19 +1,10 @@
-"""infer: shards or image files -> Ray Data actor pool with a preloaded model -> predictions.
+"""infer: any input infer reads -> a Ray Data actor pool with a preloaded model -> predictions."""
 
-    input (sources) --read--> map_batches(prepare_rows: decode, MNIST-style crop/centre; tasks)
-          --> map_batches(PredictorActor, ActorPoolStrategy) (predictor)
-          --> write_parquet(OUTPUT/run-KEY/data) --> reconcile (id digests) --> _manifest.json --> _SUCCESS
-
-``run`` is the sequence: open the model and the input, connect, plan (plan), build the
-dataset, execute it, reconcile the output with the input, publish. The predictions format is
-``predictions``; Ray's edges that this job works around are in ``compat``.
-
-Resume is Ray Data's own checkpointing (``ray.data.checkpoint``): each write task records the
-ids it wrote in OUTPUT/run-KEY/checkpoint (two-phase, so a killed task's file is deleted on
-the next start), and a rerun filters those rows out right after the read. KEY hashes the input
-fingerprint, the model version and the runtime (and the run being replaced, with --overwrite),
-so another model or input never reuses partial work. Readers only see the manifest's files.
-"""
+# Resume is Ray Data's own checkpointing (``ray.data.checkpoint``): each write task records the
+# ids it wrote in OUTPUT/run-KEY/checkpoint (two-phase, so a killed task's file is deleted on
+# the next start), and a rerun filters those rows out right after the read. KEY hashes the input
+# fingerprint, the model version and the runtime (and the run being replaced, with --overwrite),
+# so another model or input never reuses partial work. Readers only see the manifest's files.
 
 from __future__ import annotations
 
@@ -38,7 +29,8 @@ import pyarrow.fs as pafs
 
 from mnist_ray import __version__
 from mnist_ray.formats import predictions, shards
-from mnist_ray.inputs import foreign, sources
+from mnist_ray.inputs import registry, sources
+from mnist_ray.inputs.columns import ColumnChoice
 from mnist_ray.model import export, runtimes
 from mnist_ray.plumbing import cluster, compat, gpu, lock, storage
 from mnist_ray.inference import checkpoint
@@ -113,8 +105,9 @@ def run(cfg: InferConfig) -> dict:
     runtimes.check(model_local, expected_runtime)
     with lock.output_lock(cfg.output):  # one writer per output: a second run is refused, naming this one
         loc = storage.prepare_output(cfg.output, overwrite=cfg.overwrite, run_id=uuid.uuid4().hex[:12])
-        source = sources.open_source(cfg.input, foreign.ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column,
-                                                                     cfg.image_shape), model_metadata=metadata)
+        source = registry.open_input(cfg.input, registry.INFER, registry.Options(
+            columns=ColumnChoice(cfg.image_column, cfg.id_column, cfg.label_column, cfg.image_shape),
+            model_metadata=metadata))
         # Beside the main thread: the smoke test (it imports TensorFlow and loads the model) while
         # Ray starts, then the digest of the input ids (it reads every id once) while the job runs;
         # beside ray.init it held the GIL and slowed Ray's start-up.
@@ -122,67 +115,89 @@ def run(cfg: InferConfig) -> dict:
         stop = threading.Event()
         scaling = contextlib.ExitStack()  # a standing request for GPU nodes, withdrawn at the end
         try:
-            smoke = background.submit(lambda: smoke_test(model_local, expected_runtime, source.sample(), cfg.model))
-            connecting = time.perf_counter()
-            marks["run_checks"] = time.time()
-            try:
-                cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output),
-                                shared_storage=cfg.shared_storage)
-                ray_startup = time.perf_counter() - connecting
-                marks["connected"] = time.time()
-            finally:
-                smoke.result()
+            ray_startup = connect_beside_smoke_test(cfg, background, model_local, expected_runtime, source, marks)
             expected = background.submit(source.digest, stop)
-
-            import ray
-
-            version = metadata["version"]
-            resources, autoscaler_gpus = cluster_resources(cfg, scaling)
-            plan = planning.make(cfg, resources, model_local, autoscaler_gpus=autoscaler_gpus,
-                                 resumed_rows=lambda runtime: checkpointed_rows(loc, work_dir(loc, source.fingerprint, version, runtime)))
-            log.info("infer: plan: %s", plan.describe())
-            if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
-                runtimes.check(model_local, plan.runtime)
-                smoke_test(model_local, plan.runtime, source.sample(), cfg.model)
-            work = work_dir(loc, source.fingerprint, version, plan.runtime)
-            if plan.resumed_rows:
-                log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
-                         f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work))
-            startup = time.perf_counter() - started
-            marks["planned"] = time.time()
-            # On the driver's node: a zero-CPU actor could land on any node, and a lost worker
-            # node would take the job's progress (and its summary) with it.
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
-            try:
-                scored = build_dataset(source, plan, cfg.model, version, progress, metadata.get("class_names"))
-                scored.context.checkpoint_config = checkpoint.checkpoint_config(
-                    source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
-                seconds, timing = execute(scored, plan, loc.join(work, "data"), loc, cfg, progress,
-                                          todo=source.rows - plan.resumed_rows)
-            finally:
-                ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
+            plan, work = plan_run(cfg, loc, source, model_local, metadata, expected_runtime, scaling)
+            startup, marks["planned"] = time.perf_counter() - started, time.time()
+            seconds, timing = score(cfg, loc, source, plan, work, metadata)
             marks["written"] = time.time()
-            files, written, bad = written_files(loc, work)
-            try:
-                reconcile(expected.result(), written)
-            except OSError as e:
-                raise MnistRayError(storage.describe_error(e, cfg.input)) from e
-            check_error_rate(bad, written.rows, cfg.max_error_rate)
-            figures = run_figures(written.rows, bad.num_rows, plan.resumed_rows, seconds, startup, ray_startup, timing)
-            figures["timeline"] = timeline(marks, timing)
-            publish(loc, work, cfg, plan, source, metadata, files, bad, figures)
-            figures["timeline"]["published"] = round(time.time() - figures["timeline"]["process_started_at"], 2)
+            figures = check_and_publish(cfg, loc, work, plan, source, metadata, expected,
+                                        (seconds, startup, ray_startup, timing, marks))
         finally:
             stop.set()  # a failed run does not wait for the digest of 100M ids
             scaling.close()
             background.shutdown(wait=False, cancel_futures=True)
-        return {"output": cfg.output, **figures, "model_version": version, "runtime": plan.runtime,
+        return {"output": cfg.output, **figures, "model_version": metadata["version"], "runtime": plan.runtime,
                 "runtime_reason": plan.runtime_reason, "batch_size": plan.batch_size,
                 "actors": f"{plan.actors_min}..{plan.actors_max}", "gpus_per_actor": plan.gpus_per_actor,
                 "cpus_per_actor": plan.cpus_per_actor, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def connect_beside_smoke_test(cfg: InferConfig, background, model_local: str, runtime: str, source, marks: dict) -> float:
+    """Connect to Ray while the smoke test runs in ``background``: the seconds Ray took."""
+    smoke = background.submit(lambda: smoke_test(model_local, runtime, source.sample(), cfg.model))
+    connecting, marks["run_checks"] = time.perf_counter(), time.time()
+    try:
+        cluster.connect(cfg.address, paths=(cfg.model, cfg.input, cfg.output), shared_storage=cfg.shared_storage)
+        ray_startup, marks["connected"] = time.perf_counter() - connecting, time.time()
+    finally:
+        smoke.result()
+    return ray_startup
+
+
+def plan_run(cfg: InferConfig, loc: storage.Location, source: sources.Source, model_local: str, metadata: dict,
+             expected_runtime: str, scaling: contextlib.ExitStack) -> tuple[planning.Plan, str]:
+    """The plan on this cluster and the run's work directory (where an earlier attempt left off)."""
+    def work(runtime: str) -> str:
+        return work_dir(loc, source.fingerprint, metadata["version"], runtime)
+
+    resources, autoscaler_gpus = cluster_resources(cfg, scaling)
+    plan = planning.make(cfg, resources, model_local, autoscaler_gpus=autoscaler_gpus,
+                         resumed_rows=lambda runtime: checkpointed_rows(loc, work(runtime)))
+    log.info("infer: plan: %s", plan.describe())
+    if plan.runtime != expected_runtime:  # no GPU after all: auto chose a CPU runtime
+        runtimes.check(model_local, plan.runtime)
+        smoke_test(model_local, plan.runtime, source.sample(), cfg.model)
+    if plan.resumed_rows:
+        log.info("resuming: %s of %s rows were scored by an earlier attempt (%s)",
+                 f"{plan.resumed_rows:,}", f"{source.rows:,}", loc.uri_of(work(plan.runtime)))
+    return plan, work(plan.runtime)
+
+
+def score(cfg: InferConfig, loc: storage.Location, source: sources.Source, plan: planning.Plan, work: str,
+          metadata: dict) -> tuple[float, dict]:
+    """Run the scoring dataset into ``work``'s data files, with its progress actor: (seconds, timings)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a zero-CPU actor could land on any node, and a lost worker
+    # node would take the job's progress (and its summary) with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ray.remote(num_cpus=0)(Progress).options(scheduling_strategy=here).remote()
+    try:
+        scored = build_dataset(source, plan, cfg.model, metadata["version"], progress, metadata.get("class_names"))
+        scored.context.checkpoint_config = checkpoint.checkpoint_config(
+            source.resume_key, loc.join(work, "checkpoint"), loc.fs, source.scheme)
+        return execute(scored, plan, loc.join(work, "data"), loc, cfg, progress, todo=source.rows - plan.resumed_rows)
+    finally:
+        ray.kill(progress)  # also when the write fails: the driver may live on (tests, notebooks)
+
+
+def check_and_publish(cfg: InferConfig, loc: storage.Location, work: str, plan: planning.Plan,
+                      source: sources.Source, metadata: dict, expected, times: tuple) -> dict:
+    """Reconcile the written rows with the input's ids, check the error rate, publish: the figures."""
+    seconds, startup, ray_startup, timing, marks = times
+    files, written, bad = written_files(loc, work)
+    try:
+        reconcile(expected.result(), written)
+    except OSError as e:
+        raise MnistRayError(storage.describe_error(e, cfg.input)) from e
+    check_error_rate(bad, written.rows, cfg.max_error_rate)
+    figures = run_figures(written.rows, bad.num_rows, plan.resumed_rows, seconds, startup, ray_startup, timing)
+    figures["timeline"] = timeline(marks, timing)
+    publish(loc, work, cfg, plan, source, metadata, files, bad, figures)
+    figures["timeline"]["published"] = round(time.time() - figures["timeline"]["process_started_at"], 2)
+    return figures
 
 
 # --- the steps ------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
-"""Archives of image folders in, without unpacking them to disk: ``.zip``, ``.tar``, ``.tar.gz``
-(``.tgz``), local or on object storage, and WebDataset-style tar shards (``KEY.png`` beside
-``KEY.cls``).
+"""Archives of image folders (.zip, .tar, .tar.gz, WebDataset shards) read as rows, never unpacked."""
 
-The driver lists the members (zip: the central directory; tar: the headers, read through a
-1 MiB buffer so small members cost no extra request); read tasks then fetch byte ranges of
-consecutive members in parallel, one range request each. gzip cannot seek, so a ``.tar.gz`` is
-listed by one pass in the driver and read by one streaming task. The class folder gives the
-label (``7/x.png``, as for ``images:PATH``); a member whose data is corrupt (CRC, deflate)
-becomes one error row.
-"""
+# Archives of image folders in, without unpacking them to disk: ``.zip``, ``.tar``, ``.tar.gz``
+# (``.tgz``), local or on object storage, and WebDataset-style tar shards (``KEY.png`` beside
+# ``KEY.cls``).
+#
+# The driver lists the members (zip: the central directory; tar: the headers, read through a
+# 1 MiB buffer so small members cost no extra request); read tasks then fetch byte ranges of
+# consecutive members in parallel, one range request each. gzip cannot seek, so a ``.tar.gz`` is
+# listed by one pass in the driver and read by one streaming task. The class folder gives the
+# label (``7/x.png``, as for ``images:PATH``); a member whose data is corrupt (CRC, deflate)
+# becomes one error row.
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mnist_ray.inputs import datasets, foreign
+from mnist_ray.inputs import datasets
+from mnist_ray.inputs.files import FileSet, is_glob, list_files, listing_fingerprint
+from mnist_ray.inputs.rows import ROW_FORM, stored_image
 from mnist_ray.plumbing import storage
 from mnist_ray.errors import MnistRayError
 
@@ -69,7 +72,7 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Piece:
+class MemberPiece:
     """Consecutive members of one archive, read by one task (all of a ``.tar.gz``)."""
 
     path: str
@@ -100,7 +103,7 @@ def _image_member(name: str) -> bool:
     return name.lower().endswith(datasets.IMAGE_EXTENSIONS)
 
 
-def rows_of(entries: list[tuple[str, bytes | None, str | None]], piece: Piece, *, encode: bool) -> pa.Table:
+def rows_of(entries: list[tuple[str, bytes | None, str | None]], piece: MemberPiece, *, encode: bool) -> pa.Table:
     """(member name, bytes or None, error or None) -> rows in the row form."""
     ids, images, labels, splits, paths, errors = [], [], [], [], [], []
     if piece.webdataset:
@@ -131,13 +134,13 @@ def rows_of(entries: list[tuple[str, bytes | None, str | None]], piece: Piece, *
         paths.append(f"{piece.uri}/{name}")
         errors.append(error)
     if encode:
-        checked = [foreign.stored_image(d, e) for d, e in zip(images, errors)]
+        checked = [stored_image(d, e) for d, e in zip(images, errors)]
         images, errors = [c[0] for c in checked], [c[1] for c in checked]
     n = len(ids)
     return pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
                      "label": pa.array(labels, pa.int8()), "split": pa.array(splits, pa.string()),
-                     "path": pa.array(paths, pa.string()), "pixels": pa.nulls(n, foreign.ROW_FORM.field("pixels").type),
-                     "error": pa.array(errors, pa.string())}, schema=foreign.ROW_FORM)
+                     "path": pa.array(paths, pa.string()), "pixels": pa.nulls(n, ROW_FORM.field("pixels").type),
+                     "error": pa.array(errors, pa.string())}, schema=ROW_FORM)
 
 
 def _zip_member(data: memoryview, base: int, m: Member) -> tuple[bytes | None, str | None]:
@@ -165,7 +168,7 @@ def _zip_member(data: memoryview, base: int, m: Member) -> tuple[bytes | None, s
     return raw, None
 
 
-def read_piece(piece: Piece, fs: pafs.FileSystem, encode: bool) -> Iterable[pa.Table]:
+def read_piece(piece: MemberPiece, fs: pafs.FileSystem, encode: bool) -> Iterable[pa.Table]:
     """The rows of one piece (runs in a Ray read task): one range read, or one stream (tgz)."""
     if piece.kind == "tgz":
         yield from _stream_tgz(piece, fs, encode)
@@ -184,7 +187,7 @@ def read_piece(piece: Piece, fs: pafs.FileSystem, encode: bool) -> Iterable[pa.T
     yield rows_of(entries, piece, encode=encode)
 
 
-def _stream_tgz(piece: Piece, fs: pafs.FileSystem, encode: bool) -> Iterable[pa.Table]:
+def _stream_tgz(piece: MemberPiece, fs: pafs.FileSystem, encode: bool) -> Iterable[pa.Table]:
     wanted = {m.name for m in piece.members}
     entries = []
     with fs.open_input_stream(piece.path, compression=None) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
@@ -242,18 +245,18 @@ def list_members(path: str, fs: pafs.FileSystem, kind: str, what: str) -> list[M
         raise MnistRayError(storage.describe_error(e, what)) from e
 
 
-def _pieces(path: str, kind: str, prefix: str, uri: str, members: list[Member]) -> list[Piece]:
+def _pieces(path: str, kind: str, prefix: str, uri: str, members: list[Member]) -> list[MemberPiece]:
     wanted, webdataset, _ = _wanted([m.name for m in members])
     chosen = [m for m, w in zip(members, wanted) if w]
     if kind == "tgz":
         _, _, rows = _wanted([m.name for m in chosen])
-        return [Piece(path, kind, prefix, uri, tuple(chosen), webdataset, rows, sum(m.size for m in chosen))] \
+        return [MemberPiece(path, kind, prefix, uri, tuple(chosen), webdataset, rows, sum(m.size for m in chosen))] \
             if chosen else []
     pieces, group = [], []
 
     def close():
         _, _, rows = _wanted([m.name for m in group])
-        pieces.append(Piece(path, kind, prefix, uri, tuple(group), webdataset, rows,
+        pieces.append(MemberPiece(path, kind, prefix, uri, tuple(group), webdataset, rows,
                             group[-1].end - group[0].offset))
 
     for m in chosen:
@@ -273,8 +276,8 @@ class ArchiveInput:
     """Archives, planned: their files, read pieces, row count and fingerprint."""
 
     uri: str
-    files: foreign.FileSet
-    pieces: tuple[Piece, ...]
+    files: FileSet
+    pieces: tuple[MemberPiece, ...]
     rows: int
     fingerprint: str
 
@@ -282,7 +285,7 @@ class ArchiveInput:
     def fs(self) -> pafs.FileSystem:
         return self.files.root.fs
 
-    def read_piece(self, piece: Piece, encode: bool = False) -> Iterable[pa.Table]:
+    def read_piece(self, piece: MemberPiece, encode: bool = False) -> Iterable[pa.Table]:
         return read_piece(piece, self.fs, encode)
 
     def labels(self) -> list[int | None]:
@@ -304,15 +307,15 @@ class ArchiveInput:
         first = self.pieces[0]
         if first.kind != "tgz":
             members = first.members[:2 * n]
-            first = Piece(first.path, first.kind, first.prefix, first.uri, members, first.webdataset, 0,
+            first = MemberPiece(first.path, first.kind, first.prefix, first.uri, members, first.webdataset, 0,
                           members[-1].end - members[0].offset)
         return next(iter(read_piece(first, self.fs, False))).slice(0, n)
 
     def dataset(self, encode: bool = False, num_cpus: float | None = None):
-        from mnist_ray.inputs import readers
+        from mnist_ray.formats import readers
 
         read = functools.partial(read_piece, fs=self.fs, encode=encode)
-        return readers.read_pieces(self.pieces, read, "Archive", foreign.ROW_FORM, num_cpus=num_cpus)
+        return readers.read_pieces(self.pieces, read, "Archive", ROW_FORM, num_cpus=num_cpus)
 
 
 def open_archives(uri: str) -> ArchiveInput:
@@ -321,8 +324,8 @@ def open_archives(uri: str) -> ArchiveInput:
     kind = kind_of(uri.rstrip("/"))
     if kind is None:
         raise MnistRayError(f"{uri} is not an archive: give a .zip, .tar, .tar.gz or .tgz")
-    files = foreign.list_files(uri, extensions=EXTENSIONS)
-    several = len(files.files) > 1 or foreign.is_glob(uri)
+    files = list_files(uri, extensions=EXTENSIONS)
+    several = len(files.files) > 1 or is_glob(uri)
     pieces = []
     for file in files.files:
         rel = files.rel(file)
@@ -333,4 +336,4 @@ def open_archives(uri: str) -> ArchiveInput:
     rows = sum(p.rows for p in pieces)
     if rows == 0:
         raise MnistRayError(f"no image files ({', '.join(datasets.IMAGE_EXTENSIONS)}) in {uri}")
-    return ArchiveInput(uri, files, tuple(pieces), rows, foreign.fingerprint("archive", files, {}))
+    return ArchiveInput(uri, files, tuple(pieces), rows, listing_fingerprint("archive", files, {}))

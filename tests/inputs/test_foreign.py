@@ -10,7 +10,8 @@ import pytest
 
 from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
-from mnist_ray.inputs import foreign
+from mnist_ray.inputs import columns, files, foreign
+from mnist_ray.inputs.rows import ROW_FORM
 from mnist_ray.errors import MnistRayError
 
 
@@ -46,7 +47,7 @@ def test_a_datasets_parquet_is_read_with_its_class_names_and_stable_ids(hf_parqu
     assert cols.label_names == tuple(f"digit {i}" for i in range(10))
     assert plan.rows == 60 and [p.rows for p in plan.pieces] == [60]  # small row groups merged
     rows = pa.concat_tables([t for p in plan.pieces for t in plan.read_piece(p)])
-    assert rows.schema.equals(foreign.ROW_FORM)
+    assert rows.schema.equals(ROW_FORM)
     assert rows["id"].to_pylist() == [f"test-00000-of-00001.parquet#{i}" for i in range(60)]
     assert rows["label"].to_pylist() == labels[:60].tolist()
     assert rows["error"].null_count == 60
@@ -136,6 +137,92 @@ def test_ray_tensor_columns_from_numpy_and_read_images(ray_local, tmp_path, mnis
         {m.tobytes() for m in _model_pixels(images[:6])}  # RGB -> L exactly as Pillow does
 
 
+RAY_WRITTEN_READER = """
+import sys
+import pyarrow as pa, pyarrow.parquet as pq
+from mnist_ray.inputs import foreign
+assert "ray" not in sys.modules
+for path in sys.argv[1:]:
+    plan = foreign.open_parquet(path)
+    rows = pa.concat_tables(t for p in plan.pieces for t in plan.read_piece(p))
+    pq.write_table(rows.drop_columns(["image"]), path + ".rows.parquet")
+    print(plan.columns.shape)
+assert "ray" not in sys.modules
+"""
+
+
+def _ray_written(tmp_path, images, labels):
+    """Every tensor-column form Ray Data 2.60 writes, with the digits each holds."""
+    import ray
+    from PIL import Image
+
+    grey = [np.ascontiguousarray(images[i]) for i in range(8)]
+    forms = {
+        "items": ([{"image": g, "label": int(labels[i])} for i, g in enumerate(grey)], grey),
+        "items_hw1": ([{"image": g[..., None]} for g in grey], grey),
+        "items_hw3": ([{"image": np.repeat(g[..., None], 3, -1)} for g in grey], grey),
+    }
+    written = {}
+    for name, (items, digits) in forms.items():
+        ray.data.from_items(items).write_parquet(str(tmp_path / name))
+        written[name] = digits
+    ray.data.from_numpy(np.stack(grey)).write_parquet(str(tmp_path / "numpy"))
+    written["numpy"] = grey
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    sized = [np.asarray(Image.fromarray(g).resize((28 + 3 * i, 28 + i))) for i, g in enumerate(grey[:5])]
+    for i, img in enumerate(sized):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    ray.data.read_images(str(folder)).write_parquet(str(tmp_path / "images_sizes"))
+    ray.data.read_images(str(folder), mode="RGB").write_parquet(str(tmp_path / "images_sizes_rgb"))
+    written["images_sizes"] = written["images_sizes_rgb"] = sized
+    return written
+
+
+def test_every_tensor_column_ray_writes_is_read_with_or_without_ray_imported(ray_local, tmp_path, mnist_test_arrays):
+    """Ray 2.60's Parquet (from_items, from_numpy, read_images of one size or of several): its
+    tensor metadata is JSON, a list for a fixed shape, a number of dimensions for a variable one."""
+    import subprocess
+    import sys
+
+    images, labels = mnist_test_arrays
+    written = _ray_written(tmp_path, images, labels)
+    schema = pq.read_schema(next((tmp_path / "items").glob("*.parquet")))
+    assert schema.field("image").type.extension_name == "ray.data.arrow_tensor_v2"
+    paths = [str(tmp_path / name) for name in written]
+    # A user's `mnist-ray infer` plans the read before Ray is imported: Ray's types unregistered.
+    done = subprocess.run([sys.executable, "-c", RAY_WRITTEN_READER, *paths], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:4] == ["(28, 28)", "(28, 28, 1)", "(28, 28, 3)", "(28, 28)"]
+    for name, digits in written.items():
+        expected = {m.tobytes() for m in _model_pixels(digits)}
+        unregistered = pq.read_table(str(tmp_path / name) + ".rows.parquet")
+        plan = foreign.open_parquet(str(tmp_path / name))  # here Ray's types are registered
+        registered = plan.dataset().take_batch(100, batch_format="pyarrow")  # through Ray's read tasks
+        for rows in (unregistered, registered):
+            assert rows.num_rows == len(digits) and rows["error"].null_count == len(digits), name
+            assert {g.tobytes() for g in shards.pixels_numpy(rows["pixels"])} == expected, name
+    assert foreign.open_parquet(str(tmp_path / "items")).columns.label == "label"
+
+
+def test_ray_tensor_metadata_of_any_version_gives_a_shape_or_none():
+    v2, var = b"ray.data.arrow_tensor_v2", b"ray.data.arrow_variable_shaped_tensor"
+    assert columns.ray_tensor_shape(v2, b"[28, 28]") == (28, 28)
+    assert columns.ray_tensor_shape(b"ray.data.arrow_tensor", b'{"shape": [28, 28, 3]}') == (28, 28, 3)
+    assert columns.ray_tensor_shape(var, b"2") is None
+    assert columns.ray_tensor_shape(v2, b"\x80\x05\x95 cloudpickle") is None  # Ray 2.49-2.54: never unpickled
+    assert columns.ray_tensor_shape(v2, b"[]") is None and columns.ray_tensor_shape(v2, b'"x"') is None
+    assert columns.ray_tensor_shape(b"other", b"[28, 28]") is None
+    meta = {b"ARROW:extension:name": v2, b"ARROW:extension:metadata": b"[2, 2]"}
+    floats = pa.schema([pa.field("image", pa.large_list(pa.float32()), metadata=meta)])
+    with pytest.raises(MnistRayError, match=r"no image column .*image \(large_list<item: float>\)") as e:
+        columns.detect(floats)
+    assert "\n" not in str(e.value)
+    with pytest.raises(MnistRayError, match=r"--image-column 'image' is large_list<item: float>, not images"):
+        columns.detect(floats, image_column="image")
+
+
 def test_bad_parquet_gives_one_line_errors(tmp_path):
     pq.write_table(pa.table({"a": [1, 2], "name": ["x", "y"]}), tmp_path / "none.parquet")
     with pytest.raises(MnistRayError, match=r"no image column .*columns: a \(int64\), name \(string\)") as e:
@@ -164,7 +251,7 @@ def test_a_glob_and_the_fingerprint_of_files_without_a_manifest(tmp_path):
         pq.write_table(pa.table({"image": [b"x" * 3]}), tmp_path / f"{name}.parquet")
     (tmp_path / "_SUCCESS").write_bytes(b"")
     plan = foreign.open_parquet(str(tmp_path / "[ab].parquet"))
-    assert [foreign.FileSet.rel(plan.files, f) for f in plan.files.files] == ["a.parquet", "b.parquet"]
+    assert [files.FileSet.rel(plan.files, f) for f in plan.files.files] == ["a.parquet", "b.parquet"]
     before = foreign.open_parquet(str(tmp_path)).fingerprint
     assert foreign.open_parquet(str(tmp_path)).fingerprint == before  # stable
     assert foreign.open_parquet(str(tmp_path), image_column="image", id_column=None).fingerprint == before
@@ -277,6 +364,27 @@ def test_infer_from_parquet_on_s3_with_an_id_column_and_bad_rows(trained_model, 
     bad = table.filter(table["error"].is_valid())
     assert bad["id"].to_pylist() == ["k5"] and bad["class_name"].null_count == 1
     assert set(table["label"].to_pylist()) == set(labels[:40].tolist())
+
+
+@pytest.mark.e2e
+def test_infer_on_the_parquet_ray_data_itself_writes(trained_model, tmp_path, mnist_test_arrays):
+    """A user's MNIST test set from ``ray.data.from_items(...).write_parquet``: a tensor column
+    whose metadata is the JSON list [28, 28]; one prediction per input row."""
+    import ray
+
+    from mnist_ray.formats import predictions
+    from mnist_ray.inference.infer import InferConfig, run
+
+    model_dir, _ = trained_model
+    images, labels = mnist_test_arrays
+    ray.data.from_items([{"image": np.ascontiguousarray(images[i]), "label": int(labels[i])}
+                         for i in range(100)]).write_parquet(str(tmp_path / "mine"))
+    summary = run(InferConfig(model=model_dir, input=str(tmp_path / "mine"), output=str(tmp_path / "p")))
+    assert summary["rows"] == 100 and summary["errors"] == 0
+    table = predictions.read_predictions(str(tmp_path / "p"))
+    assert table.num_rows == 100 and len(set(table["id"].to_pylist())) == 100
+    assert sorted(table["label"].to_pylist()) == sorted(labels[:100].tolist())
+    assert (np.array(table["prediction"]) == np.array(table["label"])).mean() > 0.8
 
 
 @pytest.mark.e2e

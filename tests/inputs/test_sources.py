@@ -6,7 +6,8 @@ import pyarrow as pa
 import pytest
 
 from mnist_ray.formats import shards
-from mnist_ray.inputs import sources
+from mnist_ray.inputs import registry, sources
+from mnist_ray.inputs.columns import ColumnChoice
 from mnist_ray.errors import MnistRayError
 
 
@@ -55,7 +56,24 @@ def test_an_image_folder_dataset_yields_shard_like_rows(ray_local, digit_folder)
 
 
 def test_every_kind_implements_the_interface():
-    for kind in sources.KINDS:
-        for method in ("claims", "sample", "digest", "dataset"):
-            assert getattr(kind, method) is not getattr(sources.Source, method), f"{kind.__name__}.{method}"
-    assert sources.KINDS[-1].claims("anything")  # the catch-all is last
+    for command, methods in ((registry.INFER, ("claims", "sample", "digest", "dataset")),
+                             (registry.PREPARE, ("shard_rows",))):
+        for kind in (registry.KINDS[name] for name in command.kinds):
+            for method in methods:
+                assert getattr(kind, method) is not getattr(sources.Source, method), f"{kind.__name__}.{method}"
+        assert registry.KINDS[command.kinds[-1]].claims("anything")  # the catch-all is last
+
+
+def test_each_command_opens_only_the_kinds_it_reads(digit_folder, tmp_path):
+    root, _ = digit_folder
+    assert registry.kind_of(f"images:{root}", registry.PREPARE) is sources.ImageFolderSource
+    assert registry.kind_of(f"images:{tmp_path}/d.zip", registry.PREPARE) is sources.ArchiveSource
+    assert registry.kind_of("parquet:x", registry.PREPARE) is sources.ParquetSource
+    assert registry.kind_of("mnist-test", registry.PREPARE) is sources.DatasetSource
+    assert registry.kind_of(str(root), registry.INFER) is sources.ImageFolderSource
+    assert registry.kind_of("mnist-test", registry.INFER) is sources.ImageFolderSource  # infer reads no datasets
+    with pytest.raises(MnistRayError, match="are for --source parquet:PATH"):
+        registry.open_input(f"images:{root}", registry.PREPARE,
+                            registry.Options(columns=ColumnChoice(image_column="x")))
+    with pytest.raises(MnistRayError, match=f"are for Parquet input; {root} is images"):
+        registry.open_input(str(root), registry.INFER, registry.Options(columns=ColumnChoice(image_column="x")))

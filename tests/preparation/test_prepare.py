@@ -13,7 +13,8 @@ import pytest
 from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
 from mnist_ray.errors import MnistRayError
-from mnist_ray.preparation.prepare import PrepareConfig, evenly_spaced, run
+from mnist_ray.inputs.arrays import evenly_spaced
+from mnist_ray.preparation.prepare import PrepareConfig, run
 
 pytestmark = pytest.mark.e2e
 

@@ -1,11 +1,12 @@
-"""One Ray Data read for inputs planned in pieces (the files of image shards, row groups of
-foreign Parquet, byte ranges of an archive's members): one read task per piece, rows in the
-project's row form.
+"""One Ray Data read (a Datasource) over inputs planned in pieces, one read task per piece."""
 
-A real Read operator, so Ray Data's checkpoint filter (resume) sees the ids the piece's reader
-makes, the same on every run. Imported only where Ray is in use (it subclasses
-``ray.data.Datasource``), like ``sink``.
-"""
+# One Ray Data read for inputs planned in pieces (the files of image shards, row groups of
+# foreign Parquet, byte ranges of an archive's members): one read task per piece, rows in the
+# project's row form.
+#
+# A real Read operator, so Ray Data's checkpoint filter (resume) sees the ids the piece's reader
+# makes, the same on every run. Imported only where Ray is in use (it subclasses
+# ``ray.data.Datasource``), like ``sink``.
 
 from __future__ import annotations
 
