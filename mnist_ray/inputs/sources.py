@@ -339,10 +339,3 @@ class ParquetSource(PlannedSource):
     def class_names(self) -> list[str]:
         names = self.planned.columns.label_names
         return list(names) if names else shards.class_names_for([])
-
-
-def open_source(uri: str, columns: ColumnChoice = ColumnChoice(), model_metadata: dict | None = None) -> Source:
-    """infer's input at ``uri``: ``registry.open_input`` with the kinds infer reads."""
-    from mnist_ray.inputs import registry
-
-    return registry.open_input(uri, registry.INFER, registry.Options(columns=columns, model_metadata=model_metadata))

@@ -13,7 +13,7 @@ from mnist_ray.errors import MnistRayError
 
 def test_an_image_folder_describes_samples_and_digests_its_files_without_ray(digit_folder):
     root, good = digit_folder
-    source = sources.open_source(str(root))
+    source = registry.open_input(str(root), registry.INFER)
     assert isinstance(source, sources.ImageFolderSource)
     files = len(good) + 2  # the corrupt and the truncated file are inputs too
     assert source.describe() == {"kind": "images", "uri": str(root), "files": files, "rows": files,
@@ -25,11 +25,11 @@ def test_an_image_folder_describes_samples_and_digests_its_files_without_ray(dig
     expected.add(pa.array(sorted([*good, "3/broken.png", "5/truncated.jpg"]), pa.string()))
     assert source.digest(threading.Event()) == expected
     with pytest.raises(MnistRayError, match="no folder"):
-        sources.open_source(str(root / "nothing-here"))
+        registry.open_input(str(root / "nothing-here"), registry.INFER)
 
 
 def test_shards_are_claimed_by_their_manifest_and_read_by_it(ray_local, small_shards):
-    source = sources.open_source(small_shards)
+    source = registry.open_input(small_shards, registry.INFER)
     assert isinstance(source, sources.ShardSource) and source.resume_key == "id"
     table = shards.read_table(small_shards)
     assert source.describe()["rows"] == table.num_rows and source.describe()["kind"] == "shards"
@@ -47,7 +47,7 @@ def test_shards_are_claimed_by_their_manifest_and_read_by_it(ray_local, small_sh
 
 def test_an_image_folder_dataset_yields_shard_like_rows(ray_local, digit_folder):
     root, good = digit_folder
-    source = sources.open_source(str(root))
+    source = registry.open_input(str(root), registry.INFER)
     rows = source.dataset(read_cpus=0.25).take_all()
     assert len(rows) == source.rows
     by_id = {r["id"]: r for r in rows}

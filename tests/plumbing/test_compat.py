@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from mnist_ray.inference import checkpoint
-from mnist_ray.inputs import sources
+from mnist_ray.inputs import registry
 from mnist_ray.plumbing import cluster, compat
 from mnist_ray.training import train
 
@@ -171,7 +171,7 @@ def test_no_deprecated_ray_arguments_in_the_jobs(ray_local, small_shards, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
         warnings.simplefilter("error", FutureWarning)
-        ds = infer.build_dataset(sources.open_source(small_shards), plan, "m", "v", progress=None)
+        ds = infer.build_dataset(registry.open_input(small_shards, registry.INFER), plan, "m", "v", progress=None)
         ray.data.range(3).write_parquet(str(tmp_path / "w"), **compat.write_task_args(plan.write_cpus))
         tcfg = train.TrainConfig(data=small_shards, model="cnn").resolved()
         train.make_trainer(tcfg, train.loop_config(tcfg, 100, 1.0), {"train": ray.data.range(2)}, name="probe",
