@@ -90,6 +90,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 # read when Ray is imported, so it is set before that: here (the package imports Ray only
 # after connecting; the local Ray's processes inherit it) or by the caller (tests/conftest.py).
 SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+USAGE_STATS = "RAY_USAGE_STATS_ENABLED"
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, paths: tuple[str, ...] = (),
@@ -107,6 +108,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, paths: t
         check_shared_storage(address, paths, shared_storage)
     if local and "ray" not in sys.modules:
         os.environ.setdefault(SINGLE_MACHINE, "0")
+    if local:
+        # This command's own Ray reports no usage stats, like the heads it starts
+        # (`--disable-usage-stats`). Ray Data's usage poller would otherwise query a Prometheus on
+        # localhost:9090 every few seconds from the driver, and log a traceback when its thread
+        # outlives the command's log streams at exit.
+        os.environ.setdefault(USAGE_STATS, "0")
     import ray
 
     global _started_here, _local_ray

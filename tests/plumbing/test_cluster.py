@@ -126,6 +126,17 @@ def test_the_local_rays_start_log_has_no_name_a_killed_command_could_leave(ray_l
     assert stdout.startswith(local.temp_dir) and stdout.endswith("(deleted)"), stdout
 
 
+def test_the_local_ray_runs_no_usage_poller(ray_local):
+    """Ray Data's usage poller would query a Prometheus on localhost:9090 from the driver every few
+    seconds (and log a traceback when it outlives the command's streams at exit)."""
+    import ray
+    from ray.data._internal.usage import collector, poller
+
+    ray.data.range(10).materialize()
+    assert os.environ[cluster.USAGE_STATS] == "0" and collector.usage_collection_disabled()
+    assert poller._poller is None
+
+
 # --- a real head -------------------------------------------------------------------------------
 
 
