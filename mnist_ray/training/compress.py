@@ -39,7 +39,7 @@ from mnist_ray.model import export, models, runtimes
 from mnist_ray.plumbing import cluster, storage
 from mnist_ray.errors import MnistRayError
 from mnist_ray.training.compress_methods import distill, prune, quantization_aware
-from mnist_ray.training.compress_scoring import BENCH_BATCH, Split, format_markdown, score
+from mnist_ray.training.compress_scoring import BENCH_BATCH, ModelInputs, format_markdown, score
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ class CompressConfig:
 
 # --- data --------------------------------------------------------------------------------------
 
-class ArraysDataset:
+class ExportBatches:
     """Numpy arrays behind the one method export.export reads (``iter_batches``), so the variants
     that are Keras models go through the same export as a trained model, without Ray."""
 
-    def __init__(self, split: Split):
+    def __init__(self, split: ModelInputs):
         self.split = split
 
     def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
@@ -116,14 +116,14 @@ class ArraysDataset:
             yield {"image": self.split.images[i:i + batch_size], "label": self.split.labels[i:i + batch_size]}
 
 
-def _decode(table) -> Split:
+def _decode(table) -> ModelInputs:
     labels = table["label"].to_numpy(zero_copy_only=False)
     keep = ~np.isnan(labels.astype(np.float64)) if labels.dtype.kind == "f" else np.ones(len(labels), bool)
     images = [b for b, k in zip(table["image"].to_pylist(), keep) if k]
-    return Split(preprocess.to_model_input(images), labels[keep].astype(np.int32))
+    return ModelInputs(preprocess.to_model_input(images), labels[keep].astype(np.int32))
 
 
-def load_data(cfg: CompressConfig, metadata: dict) -> tuple[str, dict, dict[str, Split]]:
+def load_data(cfg: CompressConfig, metadata: dict) -> tuple[str, dict, dict[str, ModelInputs]]:
     """The model's own train/val splits (as training assigned them) and test data, decoded."""
     from mnist_ray.training import train
 
@@ -202,11 +202,11 @@ def write_tflite_model_dir(out_dir: str, runtime: str, teacher_meta: dict, compr
 
 
 def export_keras_variant(keras_path: str, out_dir: str, *, model_name: str, manifest: dict, data_uri: str,
-                         data: dict[str, Split], history: list[dict], compression: dict, seconds: float) -> dict:
+                         data: dict[str, ModelInputs], history: list[dict], compression: dict, seconds: float) -> dict:
     """A Keras variant through the training export: model.keras, SavedModel, all TFLite variants."""
     train_config = {"model": model_name, "data": data_uri, "compression": compression}
     return export.export(keras_path, out_dir, history=history, manifest=manifest,
-                         val_dataset=ArraysDataset(data["val"]), calibration_dataset=ArraysDataset(data["train"]),
+                         val_dataset=ExportBatches(data["val"]), calibration_dataset=ExportBatches(data["train"]),
                          train_config=train_config, run_name=f"compress-{compression['variant']}",
                          train_seconds=seconds)
 
@@ -227,7 +227,7 @@ class CompressRun:
     source: dict
     data_uri: str
     manifest: dict
-    data: dict[str, Split]
+    data: dict[str, ModelInputs]
     staging: str
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from mnist_ray.model import models, runtimes
 from mnist_ray.errors import MnistRayError
-from mnist_ray.training.compress_scoring import BENCH_BATCH, Split
+from mnist_ray.training.compress_scoring import BENCH_BATCH, ModelInputs
 
 
 class FineTuneFlags(Protocol):
@@ -48,7 +48,7 @@ def _load_teacher(model_local: str):
     return models.keras().models.load_model(os.path.join(model_local, "model.keras"), compile=False)
 
 
-def quantization_aware(cfg: FineTuneFlags, model_local: str, data: dict[str, Split], out_dir: str) -> dict:
+def quantization_aware(cfg: FineTuneFlags, model_local: str, data: dict[str, ModelInputs], out_dir: str) -> dict:
     """Fine-tune with fake-quantized weights and activations, then convert to a full-integer TFLite."""
     import tensorflow as tf
 
@@ -87,7 +87,7 @@ def kernel_sparsity(model) -> float:
     return zeros / total if total else 0.0
 
 
-def prune(cfg: FineTuneFlags, model_local: str, data: dict[str, Split], keras_path: str) -> dict:
+def prune(cfg: FineTuneFlags, model_local: str, data: dict[str, ModelInputs], keras_path: str) -> dict:
     """Magnitude pruning to ``cfg.sparsity`` during a short fine-tune; the stripped model is saved."""
     k, tfmot = models.keras(), _tfmot()
     k.utils.set_random_seed(cfg.seed)
@@ -147,12 +147,12 @@ def accuracy(y_true, y_pred):
     return tf.cast(tf.equal(tf.argmax(y_true[:, :models.NUM_CLASSES], 1), tf.argmax(y_pred, 1)), tf.float32)
 
 
-def distill(cfg: FineTuneFlags, teacher, data: dict[str, Split], keras_path: str) -> dict:
+def distill(cfg: FineTuneFlags, teacher, data: dict[str, ModelInputs], keras_path: str) -> dict:
     """Train ``cfg.student`` from scratch on the teacher's softened outputs and the labels."""
     k = models.keras()
     tr, va = data["train"], data["val"]
 
-    def targets(split: Split) -> np.ndarray:
+    def targets(split: ModelInputs) -> np.ndarray:
         # The teacher is fixed and the data not augmented: its outputs are computed once.
         probs = runtimes.predict_batched(teacher, split.images, BENCH_BATCH)
         return np.concatenate([_one_hot(split.labels), soft_targets(probs, cfg.temperature)], axis=1)

@@ -15,8 +15,8 @@ MIN_TIMED_IMAGES = 10_240
 
 
 @dataclass
-class Split:
-    """One split of the data a variant is fine-tuned and scored on."""
+class ModelInputs:
+    """One split of the data a variant is fine-tuned and scored on, as the model takes it."""
     images: np.ndarray  # float32 (N, 28, 28, 1) in [0, 1]
     labels: np.ndarray  # int32 (N,)
 
@@ -27,7 +27,7 @@ def gzip_size(path: str) -> int:
         return len(gzip.compress(f.read(), compresslevel=9))
 
 
-def score(model_dir: str, runtime: str, data: dict[str, Split],
+def score(model_dir: str, runtime: str, data: dict[str, ModelInputs],
           reference: np.ndarray | None) -> tuple[dict, np.ndarray]:
     """One row: sizes, val/test accuracy, images/s at batch 256 and top-1 agreement with ``reference``."""
     path = runtimes.check(model_dir, runtime)
