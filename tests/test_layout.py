@@ -168,3 +168,15 @@ def test_modules_and_functions_read_in_one_sitting():
     assert (too_many, long_modules, long_functions) == ([], {}, {}), (
         f"over {MAX_TOP_LEVEL_MODULES} modules in mnist_ray/, modules over {MAX_MODULE_LINES} lines, "
         f"functions over {MAX_FUNCTION_LINES} lines")
+
+
+def test_the_import_paths_written_before_the_layout_still_work():
+    """Deployed Serve configs name `mnist_ray.serve_app:app_builder`; scripts read shards with
+    `mnist_ray.shards.read_table`: both are the modules' new homes, not copies."""
+    import importlib
+
+    from mnist_ray.formats import shards
+    from mnist_ray.serving import serve_app
+
+    assert importlib.import_module("mnist_ray.serve_app").app_builder is serve_app.app_builder
+    assert importlib.import_module("mnist_ray.shards").read_table is shards.read_table
