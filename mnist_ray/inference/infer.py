@@ -85,8 +85,7 @@ class InferConfig:
 
     def validate(self) -> None:
         planning.parse_actors(self.actors)
-        if self.runtime not in runtimes.CHOICES:
-            raise MnistRayError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(runtimes.CHOICES)}")
+        runtimes.check_name(self.runtime)
         if (self.batch_size is not None and self.batch_size < 1) or self.rows_per_file < 1:
             raise MnistRayError("--batch-size and --rows-per-file must be positive")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mnist_ray.formats import shards
 from mnist_ray.images import preprocess
 from mnist_ray.plumbing import cluster
 from mnist_ray.errors import MnistRayError
