@@ -348,8 +348,12 @@ def test_a_node_lost_while_training_resumes_from_the_last_checkpoint(ray_cluster
     epochs = 3
     # A spare node: the kill must leave 2 CPUs for the restarted workers and 1 for Ray Data's
     # tasks, which rebuild the dataset blocks the lost node held (with none free they never run).
+    # Counted by their raylet processes: the GCS still lists a node killed seconds ago (the test
+    # before this one kills one) as alive until its health checks time out, and with that node
+    # counted no spare was added, the kill left 2 CPUs, both held by the restarted workers, and
+    # the data tasks never ran.
     spares = 0
-    while len(ray_cluster.alive_nodes()) < 4:
+    while len(_alive_names(ray_cluster)) < 4:
         spares += 1
         ray_cluster.add_node(f"spare{spares}")
     ray_cluster.submit(job, "jobs/train.py", "--data", data["train"], "--epochs", str(epochs), *TRAIN,
