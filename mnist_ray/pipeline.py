@@ -53,7 +53,8 @@ class PipelineConfig:
     model: str = field(default="default", metadata={"help": "a registered model (mnist-ray train --list-models)"})
     epochs: int | None = field(default=None, metadata={"help": "epochs (default: the model's own)"})
     batch_size: int | None = field(default=None, metadata={"help": "global training batch (default: the model's own)"})
-    workers: int = field(default=2, metadata={"help": "Ray Train workers"})
+    workers: int | None = field(default=None, metadata={
+        "help": "Ray Train workers (default: one per node, with all its cores)"})
     runtime: str = field(default="tf", metadata={"help": "inference runtime (see mnist-ray infer)"})
     actors: str = field(default="1", metadata={"help": "predictor actors: N or MIN..MAX"})
     force: bool = field(default=False, metadata={"help": "run every stage even when its output is current"})

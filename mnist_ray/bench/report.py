@@ -80,9 +80,11 @@ def format_report(report: dict) -> str:
         lines += resumecost.format_table(report["resume"])
     if report.get("training"):
         t = report["training"]
-        lines += [f"## training throughput ({t['model']}, batch {t['batch_size']}, epochs after the first)", "",
-                  "| how | images/s |", "|---|---:|"]
-        lines += [f"| {r['how']} | {r['images_per_s']:,.0f} |" for r in t["runs"]]
+        lines += [f"## training throughput ({t['epochs']} epochs; images/s over the epochs after the first)", "",
+                  "| how | images/s | x plain fit | wall s | beyond epochs s | layout |", "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['how']} | {r['images_per_s']:,.0f} | {r.get('vs_plain_fit', 1.0):.2f} | "
+                  f"{r.get('wall_seconds', '-')} | {r.get('beyond_epochs_seconds', '-')} | {r.get('layout', '-')} |"
+                  for r in t["runs"]]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""bench's training throughput: a plain ``model.fit`` against 1 and 2 Ray Train workers, same model,
-data and batch; and the load test of `mnist-ray serve`."""
+"""bench's training throughput: `mnist-ray train` against a plain ``model.fit`` of the same recipe in
+one process (1 and 2 workers of the throughput model; the ``default`` recipe in the default
+layout); and the load test of `mnist-ray serve`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import json
 import os
 import time
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mnist_ray.bench.work import run_command
 from mnist_ray.formats import shards
-from mnist_ray.images import preprocess
 
 
 def epoch_rates(history: list[dict]) -> float:
@@ -21,39 +21,83 @@ def epoch_rates(history: list[dict]) -> float:
     return round(sum(h["images_per_s"] for h in later) / len(later), 1)
 
 
-def plain_fit_rate(cfg, train_data: str) -> dict:
-    """The same model, data and batch size as the Ray Train runs, in one process: ``model.fit``."""
+def beyond_epochs(summary: dict, history: list[dict], wall: float) -> float:
+    """A training command's wall time that is not epochs: wall - epochs x the steady epoch time,
+    the model's export counted apart (as the training issue defines it)."""
+    steady = sum(h["seconds"] for h in history[1:]) / len(history[1:])
+    return round(wall - summary["export_seconds"] - len(history) * steady, 1)
+
+
+def recipe_arrays(cfg, train_data: str) -> dict[str, np.ndarray]:
+    """The rows the training command feeds its workers, decoded in this process: the same
+    preprocessing, degraded variants and printed digits (``train.decode_for_training``)."""
+    from mnist_ray.training import train
+
+    _, manifest = shards.open_shards(train_data)
+    splits, holdout, _ = train.check_data(cfg, manifest)
+    variants = train._recipe(cfg.model, "degrade_rate") or train._recipe(cfg.model, "printed_per_class")
+    table = train.decode_for_training(shards.read_table(train_data, columns=["id", "image", "label", "split"]),
+                                      splits, cfg.val_split, holdout, variant_seed=cfg.seed if variants else None)
+    if train._recipe(cfg.model, "printed_per_class"):
+        table = pa.concat_tables([table, train.printed_rows(train._recipe(cfg.model, "printed_per_class"), cfg.seed)])
+    table = table.combine_chunks()
+    return {c: (table[c].chunk(0).to_numpy_ndarray() if c != "label" else table[c].to_numpy())
+            for c in table.column_names}
+
+
+def plain_fit_rate(model: str, train_data: str, epochs: int, batch_size: int | None, augment: bool | None) -> dict:
+    """The training command's recipe (model, optimizer, weight EMA, degraded variants, augmentation,
+    input pipeline) in this one process with TensorFlow's default threads: ``model.fit`` on the
+    epoch datasets of ``train_worker``, without Ray."""
     import tensorflow as tf
 
-    from mnist_ray.model import models
+    from mnist_ray.training import feed, train, train_worker
 
-    table = shards.read_table(train_data, columns=["pixels", "label", "split"])
-    table = table.filter(pc.equal(table["split"], "train"))
-    x, y = preprocess.normalize(shards.pixels_numpy(table["pixels"])), table["label"].to_numpy().astype("int64")
-    model = models.create_model(cfg.train_model, seed=0)
-    model.compile(optimizer=models.keras().optimizers.Adam(1e-3),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(cfg.train_batch_size).prefetch(2)
+    cfg = train.TrainConfig(data=train_data, model=model, epochs=epochs, batch_size=batch_size, augment=augment,
+                            workers=1).resolved()
+    arrays = recipe_arrays(cfg, train_data)
+    config = train.loop_config(cfg, len(arrays["label"]), cpus=float(os.cpu_count()), feeds={})
+    rows = feed.Feed.from_arrays({c: arrays[c] for c in train_worker.train_columns(config)})
+    net, _, _ = train_worker.restore_or_build_model(config, tf.distribute.get_strategy(), None)
+    ema = train_worker.WeightEMA(net, config["ema_momentum"]) if config["ema_momentum"] else None
     history = []
-    for epoch in range(cfg.train_epochs):
+    for epoch in range(epochs):
         started = time.perf_counter()
-        model.fit(ds, epochs=1, verbose=0)
-        history.append({"epoch": epoch + 1, "images_per_s": len(x) / (time.perf_counter() - started)})
-    return {"how": "model.fit, one process", "workers": 0, "images_per_s": epoch_rates(history), "rows": len(x)}
+        net.fit(train_worker.epoch_dataset(rows, config, epoch, 0), epochs=1, verbose=0,
+                callbacks=[ema.callback()] if ema else [])
+        seconds = time.perf_counter() - started
+        history.append({"epoch": epoch + 1, "images_per_s": rows.rows // cfg.batch_size * cfg.batch_size / seconds})
+    return {"how": f"model.fit, one process ({model})", "model": model, "workers": 0,
+            "images_per_s": epoch_rates(history), "rows": rows.rows}
+
+
+def ray_train_rate(model: str, train_data: str, out: str, epochs: int, flags: list[str], how: str) -> dict:
+    """`mnist-ray train` in a fresh process: its steady images/s, wall time and time beyond epochs."""
+    summary, wall, _ = run_command("train", "--data", train_data, "--model", model, "--output", out,
+                                   "--epochs", str(epochs), "--no-tflite", "--overwrite", *flags)
+    with open(os.path.join(out, "metadata.json")) as f:
+        history = json.load(f)["metrics"]["history"]
+    return {"how": how, "model": model, "layout": summary["layout"], "images_per_s": epoch_rates(history),
+            "wall_seconds": round(wall, 1), "beyond_epochs_seconds": beyond_epochs(summary, history, wall)}
 
 
 def train_runs(cfg, train_data: str, work: str) -> list[dict]:
-    results = [plain_fit_rate(cfg, train_data)]
+    """Ray Train against a plain fit of the same recipe, run by run in this order: the
+    throughput model (``--train-model``, no augmentation) with 1 and 2 workers, then the
+    ``default`` recipe with its own flags and the default worker layout."""
+    size = ["--batch-size", str(cfg.train_batch_size), "--no-augment"]
+    runs = [plain_fit_rate(cfg.train_model, train_data, cfg.train_epochs, cfg.train_batch_size, False)]
     for workers in (1, 2):
-        out = os.path.join(work, f"train-{workers}w")
-        summary, wall, _ = run_command("train", "--data", train_data, "--model", cfg.train_model, "--output", out,
-                                    "--epochs", str(cfg.train_epochs), "--batch-size", str(cfg.train_batch_size),
-                                    "--workers", str(workers), "--no-tflite", "--overwrite", "--no-augment")
-        with open(os.path.join(out, "metadata.json")) as f:
-            history = json.load(f)["metrics"]["history"]
-        results.append({"how": f"Ray Train, {workers} worker{'s' * (workers > 1)}", "workers": workers,
-                        "images_per_s": epoch_rates(history), "wall_seconds": round(wall, 1)})
-    return results
+        runs.append(ray_train_rate(cfg.train_model, train_data, os.path.join(work, f"train-{workers}w"),
+                                   cfg.train_epochs, [*size, "--workers", str(workers)],
+                                   f"Ray Train, {workers} worker{'s' * (workers > 1)} ({cfg.train_model})"))
+    runs.append(plain_fit_rate("default", train_data, cfg.train_epochs, None, None))
+    runs.append(ray_train_rate("default", train_data, os.path.join(work, "train-default"), cfg.train_epochs, [],
+                               "Ray Train, default layout (default)"))
+    for r in runs:
+        plain = next(p for p in runs if p["model"] == r["model"] and p["workers"] == 0) if "layout" in r else r
+        r["vs_plain_fit"] = round(r["images_per_s"] / plain["images_per_s"], 3)
+    return runs
 
 
 # --- online serving -------------------------------------------------------------------------------

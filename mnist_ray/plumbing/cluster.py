@@ -39,14 +39,16 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
 def configure_process_env() -> dict[str, str]:
     """Set what TensorFlow needs before it is imported, and return the workers' env vars.
 
-    tf-keras (Keras 2) rather than Keras 3 (``compat.keras2_env``).
+    tf-keras (Keras 2) rather than Keras 3 (``compat.keras2_env``); Ray Train's controller polling
+    its workers often enough that a run's end is not a wait (``compat.train_poll_env``).
     """
     from mnist_ray.plumbing import compat
 
-    for name, value in compat.keras2_env().items():
+    own = {**compat.keras2_env(), **compat.train_poll_env()}
+    for name, value in own.items():
         os.environ.setdefault(name, value)
     logs.configure()  # the libraries' own log switches: quiet unless verbose
-    env = {**{name: os.environ[name] for name in compat.keras2_env()}, **logs.worker_env()}
+    env = {**{name: os.environ[name] for name in own}, **logs.worker_env()}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if k in os.environ})
     return env
 

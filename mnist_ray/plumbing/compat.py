@@ -21,6 +21,17 @@ def keras2_env() -> dict[str, str]:
     return {"TF_USE_LEGACY_KERAS": "1"}
 
 
+def train_poll_env() -> dict[str, str]:
+    """Ray Train's controller polls its workers every 0.5 s rather than 2 s.
+
+    The controller learns that training ended (and starts the next step) only at its next poll
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, default 2.0): up to 2 s of every run spent waiting,
+    and once more in every Tune trial. A poll is one small remote call per worker. Checked on
+    Ray 2.60.0.
+    """
+    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 # --- CPUs Ray Data's own tasks need (ray-project/ray#44687) -------------------------------------
 
 # Read and write tasks mostly wait on storage: a quarter of a CPU each.

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -29,6 +31,7 @@ from mnist_ray.images import augment, preprocess, synthetic
 from mnist_ray.model import models
 from mnist_ray.plumbing import cluster, compat, gpu, lock, logs, storage
 from mnist_ray.errors import MnistRayError, raised_in_worker
+from mnist_ray.training import feed
 from mnist_ray.training.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -54,9 +57,11 @@ class TrainConfig:
     width: float = field(default=1.0, metadata={
         "help": "multiplier of every layer's units/filters (1.0: the registered model)"})
     seed: int = field(default=0, metadata={"help": "seed of weights, shuffling and augmentation"})
-    workers: int = field(default=2, metadata={"help": "data-parallel Ray Train workers"})
+    workers: int | None = field(default=None, metadata={
+        "help": "data-parallel Ray Train workers (default: one per node, with all its cores; one per GPU "
+                "with --use-gpu)"})
     cpus_per_worker: float | None = field(default=None, metadata={
-        "help": "CPUs reserved per worker (default: 1, less on a small cluster so data tasks keep a CPU)"})
+        "help": "CPUs reserved per worker (default: its node's share, less what Ray Data's tasks keep)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per training worker"})
     placement: str = field(default="PACK", metadata={
         "help": "PACK (workers share nodes: fastest all-reduce) or SPREAD (one per node where it can: "
@@ -74,10 +79,12 @@ class TrainConfig:
     list_models: bool = field(default=False, metadata={"help": "print the model registry and exit"})
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
     shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
+    feed_memory_mb: float = field(default=feed.DEFAULT_BUDGET_MB, metadata={
+        "help": "training rows a worker may hold in memory (MB); a larger share streams every epoch"})
 
     PRESETS: ClassVar[dict] = {
         "default": {},
-        "smoke": {"model": "cnn", "epochs": 2, "workers": 2, "batch_size": 64},
+        "smoke": {"model": "cnn", "epochs": 2, "batch_size": 64},
     }
 
     def resolved(self) -> "TrainConfig":
@@ -94,11 +101,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0 or self.width <= 0:
             raise MnistRayError("--epochs, --batch-size, --learning-rate and --width must be positive")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise MnistRayError("--workers must be at least 1")
         if self.placement not in ("PACK", "SPREAD"):
             raise MnistRayError(f"--placement {self.placement!r}: choose PACK or SPREAD")
-        if self.batch_size < self.workers:
+        if self.batch_size < (self.workers or 1):
             raise MnistRayError(f"--batch-size {self.batch_size} is smaller than --workers {self.workers}")
 
     def run_name(self, data_fingerprint: str) -> str:
@@ -158,17 +165,23 @@ def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool, va
                                      "variant_seed": variant_seed})
 
 
-def printed_dataset(per_class: int, seed: int):
+def printed_rows(per_class: int, seed: int) -> pa.Table:
     """Printed digits of synthetic.TRAIN_FONTS in the training schema (image, label, variant:
-    a second rendering), rendered here in the driver."""
-    import ray
+    a second rendering)."""
     from ray.data.extensions import ArrowTensorArray
 
     images, labels = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed)
     variants, _ = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed + 1)
-    return ray.data.from_arrow(pa.table({
+    return pa.table({
         "image": ArrowTensorArray.from_numpy(preprocess.normalize(images)), "label": pa.array(labels, pa.int32()),
-        "variant": ArrowTensorArray.from_numpy(preprocess.normalize(variants))}))
+        "variant": ArrowTensorArray.from_numpy(preprocess.normalize(variants))})
+
+
+def printed_dataset(per_class: int, seed: int):
+    """``printed_rows`` as a Ray dataset, rendered here in the driver."""
+    import ray
+
+    return ray.data.from_arrow(printed_rows(per_class, seed))
 
 
 def _recipe(model: str, key: str):
@@ -198,14 +211,58 @@ def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
 MIN_CPUS_PER_WORKER = 0.25
 
 
-def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
-    """CPUs per worker: 1, or less on a small cluster so Ray Data's tasks keep their reserve
-    (``compat.data_cpu_reserve``) and ``reserved`` CPUs held elsewhere (a Tune trial's) stay free.
-    Fails in seconds when the workers can never be placed."""
+@dataclass(frozen=True)
+class Layout:
+    """Where the training runs: ``workers`` Ray Train workers of ``cpus_per_worker`` CPUs each."""
+    workers: int
+    cpus_per_worker: float
+    placement: str
+    why: str
+
+    @property
+    def threads(self) -> int:
+        """TF threads per worker (``train_worker.set_worker_threads``)."""
+        return max(1, math.ceil(self.cpus_per_worker))
+
+    def describe(self) -> str:
+        return (f"{self.workers} worker{'s' * (self.workers > 1)} x {self.cpus_per_worker:g} CPUs "
+                f"({self.threads} TF thread{'s' * (self.threads > 1)} each), {self.placement}: {self.why}")
+
+
+def choose_layout(cfg: TrainConfig, reserved: float = 0.0) -> Layout:
+    """The workers of ``cfg`` (``--workers``, else chosen from the cluster) and their CPUs.
+
+    Measured on one 2-core node (`mnist-ray bench --parts train`): one worker computing on both
+    cores trains faster than two workers of one core each, which pay an all-reduce every step
+    for nothing the one does not have. So by default: one worker per node (SPREAD), or one per
+    GPU with --use-gpu; ``--workers N`` keeps any data-parallel layout.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if cfg.workers is not None:
+        workers, placement, why = cfg.workers, cfg.placement, "--workers"
+    elif cfg.use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        workers, placement, why = max(1, gpus), cfg.placement, "one per GPU"
+    elif len(nodes) > 1:
+        workers, placement, why = len(nodes), "SPREAD", f"one per node ({len(nodes)} nodes)"
+    else:
+        workers, placement, why = 1, cfg.placement, "one node: one worker with its cores"
+    cpus = cpus_per_worker(dataclasses.replace(cfg, workers=workers), reserved, nodes)
+    return Layout(workers, cpus, placement, why)
+
+
+def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0, nodes: list[dict] | None = None) -> float:
+    """CPUs per worker: an even share of the cluster (at most a node's), less the reserve of Ray
+    Data's tasks (``compat.data_cpu_reserve``) and ``reserved`` CPUs held elsewhere (a Tune
+    trial's). Fails in seconds when the workers can never be placed."""
     import ray
 
     resources = ray.cluster_resources()
     total = resources.get("CPU", 0)
+    if nodes is None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
     if cfg.use_gpu and cfg.workers > resources.get("GPU", 0):
         raise MnistRayError(f"{cfg.workers} GPU workers need {cfg.workers} GPUs but the cluster has "
                             f"{resources.get('GPU', 0):g} and its autoscaler can add none: lower --workers "
@@ -216,10 +273,11 @@ def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0) -> float:
     elif cfg.use_gpu:
         # A GPU worker's input pipeline needs more than one core to keep its GPU busy: the CPUs
         # its node has per GPU, less the data tasks' share.
-        per_gpu = gpu.cpus_per_gpu([n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        per_gpu = gpu.cpus_per_gpu(nodes)
         need = max(MIN_CPUS_PER_WORKER, math.floor((per_gpu - keep) * 20) / 20)
     else:
-        need = min(1.0, math.floor((total - keep) / cfg.workers * 20) / 20)
+        largest = max((n.get("CPU", 0) for n in nodes), default=total)
+        need = math.floor(min(largest - keep, (total - keep) / cfg.workers) * 20) / 20
         need = max(need, MIN_CPUS_PER_WORKER)
     if need * cfg.workers + keep > total:
         raise MnistRayError(
@@ -306,14 +364,22 @@ def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
     return train_ds, val_ds
 
 
-def loop_config(cfg: TrainConfig, train_rows: int, cpus: float) -> dict:
-    """What ``train_loop_per_worker`` is given: the resolved settings and the model's recipe."""
+def feed_plans(cfg: TrainConfig, datasets: dict, workers: int) -> dict:
+    """How each worker is fed its train and val rows (``feed.plan``), logged once."""
+    plans = {split: feed.plan(ds, workers, cfg.feed_memory_mb) for split, ds in datasets.items()}
+    log.info("train: feed %s", plans["train"].describe())
+    return {split: dataclasses.asdict(p) for split, p in plans.items()}
+
+
+def loop_config(cfg: TrainConfig, train_rows: int, cpus: float, feeds: dict) -> dict:
+    """What ``train_loop_per_worker`` is given: the resolved settings, the model's recipe and the
+    feed plans (``feed_plans``)."""
     spec = models.get_spec(cfg.model)
     return {
         "model": cfg.model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "learning_rate": cfg.learning_rate, "augment": cfg.augment, "width": cfg.width, "seed": cfg.seed,
         "steps_per_epoch": train_rows // cfg.batch_size, "train_rows": train_rows, "cpus_per_worker": cpus,
-        "use_gpu": cfg.use_gpu,
+        "use_gpu": cfg.use_gpu, "workers": cfg.workers, "feed": feeds,
         **{key: spec.defaults.get(key, default) for key, default in RECIPE_DEFAULTS.items()},
     }
 
@@ -340,7 +406,8 @@ def make_trainer(cfg: TrainConfig, config: dict, datasets: dict, *, name: str, r
 
 
 def export_checkpoint(checkpoint, cfg: TrainConfig, *, output: str, manifest: dict, datasets: dict,
-                      run_name: str, train_seconds: float, overwrite: bool) -> tuple[dict, list[dict]]:
+                      run_name: str, train_seconds: float, overwrite: bool,
+                      layout: dict | None = None) -> tuple[dict, list[dict]]:
     """Export a training checkpoint as a model dir at ``output``: (export summary, history)."""
     from mnist_ray.model import export
 
@@ -350,7 +417,7 @@ def export_checkpoint(checkpoint, cfg: TrainConfig, *, output: str, manifest: di
         summary = export.export(
             os.path.join(d, "model.keras"), output, history=history, manifest=manifest,
             val_dataset=datasets["val"], calibration_dataset=datasets["train"],
-            train_config=dataclasses.asdict(cfg), run_name=run_name, train_seconds=train_seconds,
+            train_config={**dataclasses.asdict(cfg), **({"layout": layout} if layout else {})}, run_name=run_name, train_seconds=train_seconds,
             tflite=cfg.tflite, overwrite=overwrite)
     return summary, history
 
@@ -384,16 +451,24 @@ def run(cfg: TrainConfig) -> dict:
         name = cfg.run_name(manifest["fingerprint"])
         run_loc = _prepare_run_storage(cfg, name)
         cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
-        warn_small_gpu_batches(cfg)
 
         import ray.train
 
-        with gpus_for(cfg):  # scale from zero: GPU nodes are asked for, not refused
-            cpus = cpus_per_worker(cfg)
+        # scale from zero: GPU nodes are asked for, not refused
+        with gpus_for(dataclasses.replace(cfg, workers=cfg.workers or 1)):
+            layout = choose_layout(cfg)
+            cfg = dataclasses.replace(cfg, workers=layout.workers, placement=layout.placement)
+            log.info("train: %s", layout.describe())
+            warn_small_gpu_batches(cfg)
             started = time.perf_counter()
-            train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                # TensorFlow's import (~4 s; Ray's TensorflowTrainer needs it) while Ray Data decodes.
+                imported = pool.submit(importlib.import_module, "ray.train.tensorflow")
+                train_ds, val_ds = load_datasets(cfg, train_splits, holdout)
+                imported.result()
             datasets = {"train": train_ds, "val": val_ds}
-            trainer = make_trainer(cfg, loop_config(cfg, train_rows, cpus), datasets, name=name, run_loc=run_loc)
+            config = loop_config(cfg, train_rows, layout.cpus_per_worker, feed_plans(cfg, datasets, layout.workers))
+            trainer = make_trainer(cfg, config, datasets, name=name, run_loc=run_loc)
             try:
                 with logs.stage("train", epochs_done(cfg.storage_path, name, cfg.epochs)):
                     result = trainer.fit()
@@ -402,8 +477,12 @@ def run(cfg: TrainConfig) -> dict:
                 raise MnistRayError(f"training failed after {cfg.max_failures} retries: {reason}; "
                                     f"rerun with --resume to continue from the last epoch (run {name})") from e
         train_seconds = time.perf_counter() - started
+        exported = time.perf_counter()
         summary, history = export_checkpoint(result.checkpoint, cfg, output=cfg.output, manifest=manifest,
                                              datasets=datasets, run_name=name, train_seconds=train_seconds,
-                                             overwrite=cfg.overwrite)
+                                             overwrite=cfg.overwrite,
+                                             layout={**dataclasses.asdict(layout), "threads": layout.threads,
+                                                     "feed": config["feed"]["train"]["mode"]})
         return {"output": cfg.output, "model": cfg.model, "run": name, "epochs": len(history),
-                "train_seconds": round(train_seconds, 1), **summary}
+                "train_seconds": round(train_seconds, 1), "export_seconds": round(time.perf_counter() - exported, 1),
+                "layout": layout.describe(), **summary}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -12,6 +13,7 @@ import numpy as np
 from mnist_ray.images import augment
 from mnist_ray.model import models
 from mnist_ray.plumbing import compat, gpu
+from mnist_ray.training import feed
 
 augment_batch = augment.affine_batch  # the per-batch affine augmentation (its home: augment.py)
 
@@ -95,28 +97,33 @@ def train_loop_per_worker(config: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=gpu.communication_options(use_gpu))
     model, history, ema_state = restore_or_build_model(config, strategy, ray.train.get_checkpoint())
     ema = WeightEMA(model, config["ema_momentum"], ema_state) if config["ema_momentum"] else None
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_feed = feed.Feed(ray.train.get_dataset_shard("train"), config["feed"]["train"], train_columns(config))
+    val_feed = feed.Feed(ray.train.get_dataset_shard("val"), config["feed"]["val"], ["image", "label"])
+    # Every worker runs the same steps (Ray Data splits the rows evenly): the collectives match.
+    train_steps = config["feed"]["train"]["rows_per_worker"] // (config["batch_size"] // config["workers"])
+    val_steps = -(-config["feed"]["val"]["rows_per_worker"] // val_batch_size(config["workers"]))
     start_epoch = len(history)
     if start_epoch and rank == 0:
         print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
     for epoch in range(start_epoch, config["epochs"]):  # never past the requested count
         started = time.perf_counter()
-        ds = epoch_dataset(train_shard, config, epoch, rank)
+        # Each worker's own batches, as they are: the strategy neither shards nor rebatches them.
+        ds = strategy.distribute_datasets_from_function(lambda _: epoch_dataset(train_feed, config, epoch, rank))
         steps_before = int(model.optimizer.iterations.numpy())
         callbacks = [compat.mmap_threshold_callback(), *([ema.callback()] if ema else [])]
-        fit = model.fit(ds, epochs=1, verbose=0, callbacks=callbacks)
+        fit = model.fit(ds, epochs=1, steps_per_epoch=train_steps, verbose=0, callbacks=callbacks)
         seconds = time.perf_counter() - started
         steps = int(model.optimizer.iterations.numpy()) - steps_before
         last = epoch + 1 == config["epochs"]
         if last and ema:
             ema.apply()  # the model to keep is the average; earlier epochs validate raw weights
-        val = model.evaluate(val_dataset(val_shard), verbose=0, return_dict=True)
+        val = model.evaluate(strategy.distribute_datasets_from_function(
+            lambda _: val_dataset(val_feed, config["workers"])), steps=val_steps, verbose=0, return_dict=True)
         metrics = {"epoch": epoch + 1, "loss": float(fit.history["loss"][-1]),
                    "accuracy": float(fit.history["accuracy"][-1]),
                    "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
                    "steps": steps, "seconds": round(seconds, 2), "resumed_at_epoch": start_epoch,
-                   "images_per_s": round(config["train_rows"] / seconds, 1)}
+                   "images_per_s": round(steps * config["batch_size"] / seconds, 1)}
         history.append(metrics)
         if rank == 0:
             print(f"epoch {epoch + 1}/{config['epochs']}: loss {metrics['loss']:.4f} "
@@ -126,11 +133,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def set_worker_threads(cpus_per_worker: float) -> None:
-    """As many TF threads as CPUs reserved: two workers sharing two cores with TF's default
-    (a thread per core each) oversubscribe them and slow every collective step."""
+    """TF's pools sized to the CPUs reserved, rounded up: a worker alone on a 2-core node reserves
+    1.5 (data tasks keep the rest) and computes on both cores, as a plain fit does; two workers
+    sharing two cores take one thread each, since more oversubscribe them and slow every
+    collective step."""
     import tensorflow as tf
 
-    threads = max(1, int(cpus_per_worker))
+    threads = max(1, math.ceil(cpus_per_worker))
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     compat.without_device_autotune()
@@ -159,7 +168,12 @@ def restore_or_build_model(config: dict, strategy, checkpoint) -> tuple:
     return model, history, ema_state
 
 
-def epoch_dataset(train_shard, config: dict, epoch: int, rank: int):
+def train_columns(config: dict) -> list[str]:
+    """The columns the recipe trains on: a degraded ``variant`` beside each image when it uses them."""
+    return ["image", "label", *(["variant"] if config["degrade_rate"] or config["printed_per_class"] else [])]
+
+
+def epoch_dataset(train_feed: feed.Feed, config: dict, epoch: int, rank: int):
     """This worker's training batches of ``epoch``: shuffled, one-hot, degraded and augmented as
     the recipe says, each random choice seeded by (seed, epoch, rank, batch)."""
     import tensorflow as tf
@@ -167,29 +181,29 @@ def epoch_dataset(train_shard, config: dict, epoch: int, rank: int):
     # drop_last: a tiny last batch would drag BatchNorm's moving variance towards 0.
     offset = (config["seed"] * 1000 + epoch) * 100_000 + rank * 10_000
     rate = config["degrade_rate"]
-    if rate or config["printed_per_class"]:
+    # --batch-size is global: each worker (one replica) takes its share of every step.
+    ds = train_feed.batches(config["batch_size"] // config["workers"], seed=config["seed"] + epoch).enumerate()
+    if "variant" in train_feed.columns:
         # Each image, or (with probability `rate`, new every epoch) its degraded picture.
-        ds = train_shard.to_tf(["image", "variant"], "label", batch_size=config["batch_size"], drop_last=True,
-                               local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
-        ds = ds.enumerate().map(lambda i, xy: (augment.pick_variants(
-            xy[0]["image"], xy[0]["variant"], tf.stack([tf.constant(offset + 5000, tf.int64), i]), rate), xy[1]))
-    else:
-        ds = train_shard.to_tf("image", "label", batch_size=config["batch_size"], drop_last=True,
-                               local_shuffle_buffer_size=4096, local_shuffle_seed=config["seed"] + epoch)
-    ds = ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda i, b: (i, {**b, "image": augment.pick_variants(
+            b["image"], b["variant"], tf.stack([tf.constant(offset + 5000, tf.int64), i]), rate)}))
     if config["augment"]:
-        ds = ds.enumerate().map(
-            lambda i, xy: (augment_batch(xy[0], tf.stack([tf.constant(offset, tf.int64), i])), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda i, b: (i, {**b, "image": augment_batch(
+            b["image"], tf.stack([tf.constant(offset, tf.int64), i]))}), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda i, b: (b["image"], tf.one_hot(b["label"], models.NUM_CLASSES)))
     return compat.without_autotune(ds.prefetch(tf.data.AUTOTUNE))  # a GPU step is short: keep batches ready
 
 
-def val_dataset(val_shard):
+def val_batch_size(workers: int) -> int:
+    return max(1, 1024 // workers)
+
+
+def val_dataset(val_feed: feed.Feed, workers: int):
     """This worker's validation batches, one-hot."""
     import tensorflow as tf
 
-    val_ds = val_shard.to_tf("image", "label", batch_size=1024)
-    return compat.without_autotune(val_ds.map(lambda x, y: (x, tf.one_hot(y, models.NUM_CLASSES))))
+    ds = val_feed.batches(val_batch_size(workers), seed=None, drop_remainder=False)
+    return compat.without_autotune(ds.map(lambda b: (b["image"], tf.one_hot(b["label"], models.NUM_CLASSES))))
 
 
 def report_epoch(model, history: list[dict], ema_to_save, metrics: dict, rank: int) -> None:

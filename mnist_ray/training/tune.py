@@ -75,7 +75,7 @@ class TuneConfig:
     use_gpu: bool = field(default=False, metadata={
         "help": "one GPU per Ray Train worker of every trial (a trial takes --workers GPUs)"})
     cpus_per_worker: float | None = field(default=None, metadata={
-        "help": "CPUs reserved per worker (default: up to 1, leaving room for data tasks and the trial)"})
+        "help": "CPUs reserved per worker (default: its share, leaving room for data tasks and the trial)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler, weights, shuffling and augmentation"})
     max_failures: int = field(default=1, metadata={"help": "worker failures a trial's training recovers from"})
     storage_path: str | None = field(default=None, metadata={
@@ -132,7 +132,7 @@ class TuneConfig:
 # --- one trial (runs in a Ray Tune trial actor) ----------------------------------------------------
 
 def tune_trial(config: dict, *, tune_cfg: TuneConfig, datasets: dict, train_rows: int, cpus: float,
-               trials_uri: str) -> None:
+               feeds: dict, trials_uri: str) -> None:
     """One trial: the training job with this trial's hyperparameters, as a Ray Train run named by
     the trial id, so a restarted trial continues from that run's last epoch checkpoint."""
     import ray.train
@@ -142,7 +142,7 @@ def tune_trial(config: dict, *, tune_cfg: TuneConfig, datasets: dict, train_rows
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = tune_cfg.train_config(**config)
     trainer = train.make_trainer(
-        cfg, train.loop_config(cfg, train_rows, cpus), datasets, name=trial_id,
+        cfg, train.loop_config(cfg, train_rows, cpus, feeds), datasets, name=trial_id,
         run_loc=storage.resolve(trials_uri),
         # Each epoch's metrics (and checkpoint path) go to Tune, where ASHA compares trials.
         callbacks=[TuneReportCallback()],
@@ -262,8 +262,8 @@ def run(cfg: TuneConfig) -> dict:
     cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
     loc, restore = _experiment(cfg, name)
     with train.gpus_for(base):  # scale from zero: the autoscaler is asked for the trials' GPUs
-        # Up to 1 CPU per worker (GPU workers: their node's CPUs per GPU), leaving the trial's share
-        # and Ray Data's reserve free.
+        # Each worker's share of the CPUs (GPU workers: their node's CPUs per GPU), leaving the
+        # trial's share and Ray Data's reserve free.
         cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
         # Tune saves the experiment state at most every 10 s by default: a search killed in that
         # window would forget a finished trial and run it again.
@@ -271,7 +271,8 @@ def run(cfg: TuneConfig) -> dict:
         started = time.perf_counter()
         train_ds, val_ds = train.load_datasets(base, train_splits, holdout)
         datasets = {"train": train_ds, "val": val_ds}
-        tuner = make_tuner(cfg, space, name, loc, restore, datasets=datasets, train_rows=train_rows, cpus=cpus)
+        tuner = make_tuner(cfg, space, name, loc, restore, datasets=datasets, train_rows=train_rows, cpus=cpus,
+                           feeds=train.feed_plans(base, datasets, cfg.workers))
         results = tuner.fit()
     search_seconds = time.perf_counter() - started
     rows, histories = trial_rows(results, cfg)
@@ -287,7 +288,7 @@ def run(cfg: TuneConfig) -> dict:
 
 
 def make_tuner(cfg: TuneConfig, space: dict, name: str, loc: storage.Location, restore: bool, *,
-               datasets: dict, train_rows: int, cpus: float):
+               datasets: dict, train_rows: int, cpus: float, feeds: dict):
     """The Tuner of the search: the earlier run of this experiment restored, or a new one."""
     import ray.tune
     from optuna.samplers import TPESampler
@@ -299,7 +300,7 @@ def make_tuner(cfg: TuneConfig, space: dict, name: str, loc: storage.Location, r
     trials_uri = loc.scheme + loc.join(f"{name}-trials")
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trial, tune_cfg=cfg, datasets=datasets, train_rows=train_rows,
-                                 cpus=cpus, trials_uri=trials_uri),
+                                 cpus=cpus, feeds=feeds, trials_uri=trials_uri),
         {"CPU": TRIAL_CPU})
     if restore:
         log.info("tune: resuming the search %s", loc.uri_of(name))
