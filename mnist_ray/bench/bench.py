@@ -53,10 +53,10 @@ from mnist_ray.errors import MnistRayError
 
 log = logging.getLogger(__name__)
 
-PARTS = ("micro", "infer", "train", "serve", "submit", "resume")
+PARTS = ("micro", "infer", "train", "feed", "serve", "submit", "resume")
 # --quick: every part, on a few thousand images, so the benchmark cannot rot (CI runs it).
 QUICK = {"sizes": "4000", "runtime_size": 4000, "runtimes": "tf,tflite-int8", "micro_images": 1000,
-         "train_epochs": 2, "model_epochs": 2, "serve_requests": 150, "resume_size": 50_000}
+         "train_epochs": 2, "recipe_epochs": 2, "model_epochs": 2, "serve_requests": 150, "resume_size": 50_000}
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,10 @@ class BenchConfig:
     train_model: str = field(default="cnn", metadata={"help": "model of the training-throughput part"})
     train_epochs: int = field(default=3, metadata={"help": "epochs per training run (the first is warm-up)"})
     train_batch_size: int = field(default=64, metadata={"help": "global batch size of the training part"})
+    recipe_epochs: int = field(default=5, metadata={
+        "help": "epochs of the training part's default-recipe runs (images/s over the second half)"})
+    feed_source: str = field(default="fashion-mnist", metadata={
+        "help": "a 60,000-image source for the feed part (memory of the in-memory and the streamed feed)"})
     serve_model: str = field(default="cnn", metadata={"help": "model of the serving part"})
     serve_requests: int = field(default=500, metadata={"help": "requests per concurrency level of the serving part"})
     serve_concurrency: str = field(default="1,8,32", metadata={"help": "concurrency levels of the serving part"})
@@ -89,7 +93,8 @@ class BenchConfig:
     resume_size: int = field(default=1_000_000, metadata={
         "help": "N of the resumed-run part: infer killed halfway, then the same command again"})
     resume_runtime: str = field(default="tflite-int8", metadata={"help": "runtime of the resumed-run part"})
-    parts: str = field(default=",".join(PARTS), metadata={"help": "which parts to run: " + ",".join(PARTS)})
+    parts: str = field(default=",".join(p for p in PARTS if p != "feed"), metadata={
+        "help": "which parts to run: " + ",".join(PARTS) + " (feed only when asked: it needs --feed-source)"})
     gpu: bool = field(default=False, metadata={
         "help": "GPU mode: also the forward-pass ceiling on the GPU and the whole infer command with 1, 2 and 4 "
                 "actors per GPU (refuses on a machine without a GPU)"})
@@ -132,9 +137,9 @@ class BenchConfig:
         if min(self.size_list() + [self.runtime_size, self.micro_images, self.batch_size or 1, self.serve_requests,
                                    self.resume_size]
                + self.concurrency_list()) < 1 \
-                or self.train_epochs < 2:
+                or min(self.train_epochs, self.recipe_epochs) < 2:
             raise MnistRayError("sizes, --micro-images, --batch-size, --serve-requests and --serve-concurrency "
-                                "must be positive, --train-epochs >= 2 (the first epoch is warm-up)")
+                                "must be positive, --train-epochs and --recipe-epochs >= 2 (the first epoch is warm-up)")
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -157,8 +162,10 @@ def run(cfg: BenchConfig) -> dict:
         report["models"][name] = model_part(cfg, name, parts, seed, gpus, train_data, work_dir)
     if "train" in parts:
         report["training"] = {"model": cfg.train_model, "batch_size": cfg.train_batch_size,
-                              "epochs": cfg.train_epochs,
+                              "epochs": cfg.train_epochs, "recipe_epochs": cfg.recipe_epochs,
                               "runs": throughput.train_runs(cfg, work.train_data_of(cfg, train_data), work_dir)}
+    if "feed" in parts:
+        report["feed"] = throughput.feed_memory(cfg, work_dir)
     if "serve" in parts:
         report["serving"] = throughput.serving(cfg, work.model_dir_of(cfg, cfg.serve_model, train_data, work_dir),
                                                seed, work_dir)

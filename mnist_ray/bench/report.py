@@ -78,9 +78,17 @@ def format_report(report: dict) -> str:
         from mnist_ray.bench import resumecost
 
         lines += resumecost.format_table(report["resume"])
+    if report.get("feed"):
+        lines += ["## training feed memory (cnn, 2 epochs; the same budget)", "",
+                  "| rows | feed | budget MB | largest worker MB RSS/USS | wall s |", "|---:|---|---:|---:|---:|"]
+        lines += [f"| {r['rows']:,} | {r['feed']} | {r['budget_mb']:g} | {r['worker_rss_peak_mb']:,}/"
+                  f"{r['worker_uss_peak_mb']:,} | {r['wall_seconds']} |" for r in report["feed"]["runs"]]
+        lines += ["", f"4x the rows, streamed: largest worker USS {report['feed']['runs'][1]['worker_uss_vs_1x']:.2f} x "
+                  "the in-memory run's", ""]
     if report.get("training"):
         t = report["training"]
-        lines += [f"## training throughput ({t['epochs']} epochs; images/s over the epochs after the first)", "",
+        lines += [f"## training throughput ({t['epochs']} epochs of {t['model']}, {t.get('recipe_epochs', '-')} of default; "
+                  "images/s in the steady state: the epochs after the first half)", "",
                   "| how | images/s | x plain fit | wall s | beyond epochs s | layout |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {r['how']} | {r['images_per_s']:,.0f} | {r.get('vs_plain_fit', 1.0):.2f} | "
                   f"{r.get('wall_seconds', '-')} | {r.get('beyond_epochs_seconds', '-')} | {r.get('layout', '-')} |"

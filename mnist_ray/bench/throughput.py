@@ -5,6 +5,7 @@ layout); and the load test of `mnist-ray serve`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -13,18 +14,21 @@ import pyarrow as pa
 
 from mnist_ray.bench.work import run_command
 from mnist_ray.formats import shards
+from mnist_ray.plumbing import storage
 
 
 def epoch_rates(history: list[dict]) -> float:
-    """images/s over the epochs after the first (the first pays for tracing and warm-up)."""
-    later = history[1:]
+    """images/s in the steady state: over the second half of the epochs, or after the first of 3
+    (the first pays for tracing, and the next may still warm up)."""
+    later = history[max(1, len(history) // 2):]
     return round(sum(h["images_per_s"] for h in later) / len(later), 1)
 
 
 def beyond_epochs(summary: dict, history: list[dict], wall: float) -> float:
     """A training command's wall time that is not epochs: wall - epochs x the steady epoch time,
     the model's export counted apart (as the training issue defines it)."""
-    steady = sum(h["seconds"] for h in history[1:]) / len(history[1:])
+    later = history[max(1, len(history) // 2):]
+    steady = sum(h["seconds"] for h in later) / len(later)
     return round(wall - summary["export_seconds"] - len(history) * steady, 1)
 
 
@@ -35,11 +39,11 @@ def recipe_arrays(cfg, train_data: str) -> dict[str, np.ndarray]:
 
     _, manifest = shards.open_shards(train_data)
     splits, holdout, _ = train.check_data(cfg, manifest)
-    variants = train._recipe(cfg.model, "degrade_rate") or train._recipe(cfg.model, "printed_per_class")
+    variants = train.recipe_value(cfg.model, "degrade_rate") or train.recipe_value(cfg.model, "printed_per_class")
     table = train.decode_for_training(shards.read_table(train_data, columns=["id", "image", "label", "split"]),
                                       splits, cfg.val_split, holdout, variant_seed=cfg.seed if variants else None)
-    if train._recipe(cfg.model, "printed_per_class"):
-        table = pa.concat_tables([table, train.printed_rows(train._recipe(cfg.model, "printed_per_class"), cfg.seed)])
+    if train.recipe_value(cfg.model, "printed_per_class"):
+        table = pa.concat_tables([table, train.printed_rows(train.recipe_value(cfg.model, "printed_per_class"), cfg.seed)])
     table = table.combine_chunks()
     return {c: (table[c].chunk(0).to_numpy_ndarray() if c != "label" else table[c].to_numpy())
             for c in table.column_names}
@@ -91,13 +95,43 @@ def train_runs(cfg, train_data: str, work: str) -> list[dict]:
         runs.append(ray_train_rate(cfg.train_model, train_data, os.path.join(work, f"train-{workers}w"),
                                    cfg.train_epochs, [*size, "--workers", str(workers)],
                                    f"Ray Train, {workers} worker{'s' * (workers > 1)} ({cfg.train_model})"))
-    runs.append(plain_fit_rate("default", train_data, cfg.train_epochs, None, None))
-    runs.append(ray_train_rate("default", train_data, os.path.join(work, "train-default"), cfg.train_epochs, [],
+    runs.append(plain_fit_rate("default", train_data, cfg.recipe_epochs, None, None))
+    runs.append(ray_train_rate("default", train_data, os.path.join(work, "train-default"), cfg.recipe_epochs, [],
                                "Ray Train, default layout (default)"))
     for r in runs:
         plain = next(p for p in runs if p["model"] == r["model"] and p["workers"] == 0) if "layout" in r else r
         r["vs_plain_fit"] = round(r["images_per_s"] / plain["images_per_s"], 3)
     return runs
+
+
+FEED_BASE_ROWS = 15_000  # the in-memory run's training rows per split before the 10 % held out
+
+
+def feed_memory(cfg, work: str) -> dict:
+    """Peak worker memory of `mnist-ray train` whose rows fill the feed's memory budget (held in
+    memory) against 4x those rows under the same budget (streamed): the streamed feed's memory
+    must not grow with the rows."""
+    runs = []
+    budget_mb = None
+    for factor in (1, 4):
+        data = os.path.join(work, f"feed-data-{factor}x")
+        if not storage.is_complete(storage.resolve(data)):
+            run_command("prepare", "--source", cfg.feed_source, "--output", data, "--overwrite",
+                        "--limit", str(FEED_BASE_ROWS * factor))
+        rows = sum(s["rows"] for name, s in shards.open_shards(data)[1]["splits"].items() if name == "train")
+        if budget_mb is None:  # the 1x rows after the holdout, as 28x28 floats, fill the budget
+            budget_mb = str(math.ceil(rows * 0.9 * 28 * 28 * 4 / 2**20 * 1.02))
+        out = os.path.join(work, f"feed-{factor}x")
+        summary, wall, memory = run_command(
+            "train", "--data", data, "--model", "cnn", "--epochs", "2", "--batch-size", "64", "--no-augment",
+            "--no-tflite", "--overwrite", "--output", out, "--storage-path", os.path.join(work, "feed-runs"),
+            "--feed-memory-mb", budget_mb, sample_memory=True)
+        with open(os.path.join(out, "metadata.json")) as f:
+            feed_mode = json.load(f)["train_config"]["layout"]["feed"]
+        runs.append({"rows": rows, "factor": factor, "feed": feed_mode, "budget_mb": float(budget_mb),
+                     "wall_seconds": round(wall, 1), **memory})
+    runs[1]["worker_uss_vs_1x"] = round(runs[1]["worker_uss_peak_mb"] / runs[0]["worker_uss_peak_mb"], 3)
+    return {"source": cfg.feed_source, "runs": runs}
 
 
 # --- online serving -------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def restore_mmap_threshold() -> bool:
 
     TF 2.21's generator dataset kernel calls ``mallopt(M_MMAP_THRESHOLD, 131072)`` each time it
     is built (``tensorflow::data::ApplyPython311MemoryPatch``, against tensorflow#65675), and
-    Ray Data's ``to_tf`` builds one every epoch. glibc then maps and unmaps every tensor over
+    the streamed training feed (``feed.Feed``) builds one every epoch. glibc then maps and unmaps every tensor over
     128 KiB, so each training step faults its activations in page by page: measured here, a
     single-thread step of the ``default`` model took 554 ms instead of 290, a third of it in the
     kernel. Returns False where the C library is not glibc. Checked on TensorFlow 2.21.0.

@@ -8,13 +8,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
 import logging
-import math
 import os
 import posixpath
 import time
@@ -29,9 +27,9 @@ import pyarrow.fs as pafs
 from mnist_ray.formats import shards
 from mnist_ray.images import augment, preprocess, synthetic
 from mnist_ray.model import models
-from mnist_ray.plumbing import cluster, compat, gpu, lock, logs, storage
+from mnist_ray.plumbing import cluster, lock, logs, storage
 from mnist_ray.errors import MnistRayError, raised_in_worker
-from mnist_ray.training import feed
+from mnist_ray.training import feed, workers
 from mnist_ray.training.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -117,7 +115,7 @@ class TrainConfig:
             values.append(self.width)
         # The model's recipe and the fonts its printed digits come from: a checkpoint of another
         # recipe is never resumed as this one. Models without a recipe keep their names.
-        recipe = {key: _recipe(self.model, key) for key in RECIPE_DEFAULTS}
+        recipe = {key: recipe_value(self.model, key) for key in RECIPE_DEFAULTS}
         if recipe != RECIPE_DEFAULTS:
             values += [recipe, preprocess.PREPROCESS_VERSION]
         if recipe["printed_per_class"]:
@@ -165,26 +163,35 @@ def _split_dataset(data: str, keep: list[str], val_split: str, holdout: bool, va
                                      "variant_seed": variant_seed})
 
 
-def printed_rows(per_class: int, seed: int) -> pa.Table:
-    """Printed digits of synthetic.TRAIN_FONTS in the training schema (image, label, variant:
-    a second rendering)."""
+def printed_table(per_class: int, seed: int, column: str) -> pa.Table:
+    """Printed digits of synthetic.TRAIN_FONTS as one normalized column (and ``label`` with
+    ``image``)."""
     from ray.data.extensions import ArrowTensorArray
 
     images, labels = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed)
-    variants, _ = synthetic.printed_digits(synthetic.TRAIN_FONTS, per_class, seed + 1)
-    return pa.table({
-        "image": ArrowTensorArray.from_numpy(preprocess.normalize(images)), "label": pa.array(labels, pa.int32()),
-        "variant": ArrowTensorArray.from_numpy(preprocess.normalize(variants))})
+    columns = {column: ArrowTensorArray.from_numpy(preprocess.normalize(images))}
+    return pa.table({**columns, "label": pa.array(labels, pa.int32())} if column == "image" else columns)
+
+
+def printed_rows(per_class: int, seed: int) -> pa.Table:
+    """Printed digits in the training schema (image, label, variant: a second rendering)."""
+    images, variants = printed_table(per_class, seed, "image"), printed_table(per_class, seed + 1, "variant")
+    return images.append_column("variant", variants["variant"])
 
 
 def printed_dataset(per_class: int, seed: int):
-    """``printed_rows`` as a Ray dataset, rendered here in the driver."""
+    """``printed_rows`` as a Ray dataset, rendered by two tasks at once (the digits and their second
+    rendering, ~5 s each) as the shards decode, not in the driver before."""
     import ray
 
-    return ray.data.from_arrow(printed_rows(per_class, seed))
+    def rendered(seed_: int, column: str):
+        return ray.data.range(1).map_batches(
+            lambda _: printed_table(per_class, seed_, column), batch_format="pyarrow", batch_size=None)
+
+    return rendered(seed, "image").zip(rendered(seed + 1, "variant"))
 
 
-def _recipe(model: str, key: str):
+def recipe_value(model: str, key: str):
     return models.get_spec(model).defaults.get(key, RECIPE_DEFAULTS[key])
 
 
@@ -205,107 +212,7 @@ def check_data(cfg: TrainConfig, manifest: dict) -> tuple[list[str], bool, int]:
     rows = sum(splits[s]["rows"] for s in train_splits)
     if holdout:
         rows = int(rows * (1 - 1 / HOLDOUT_BUCKETS))
-    return train_splits, holdout, rows + 10 * _recipe(cfg.model, "printed_per_class")
-
-
-MIN_CPUS_PER_WORKER = 0.25
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the training runs: ``workers`` Ray Train workers of ``cpus_per_worker`` CPUs each."""
-    workers: int
-    cpus_per_worker: float
-    placement: str
-    why: str
-
-    @property
-    def threads(self) -> int:
-        """TF threads per worker (``train_worker.set_worker_threads``)."""
-        return max(1, math.ceil(self.cpus_per_worker))
-
-    def describe(self) -> str:
-        return (f"{self.workers} worker{'s' * (self.workers > 1)} x {self.cpus_per_worker:g} CPUs "
-                f"({self.threads} TF thread{'s' * (self.threads > 1)} each), {self.placement}: {self.why}")
-
-
-def choose_layout(cfg: TrainConfig, reserved: float = 0.0) -> Layout:
-    """The workers of ``cfg`` (``--workers``, else chosen from the cluster) and their CPUs.
-
-    Measured on one 2-core node (`mnist-ray bench --parts train`): one worker computing on both
-    cores trains faster than two workers of one core each, which pay an all-reduce every step
-    for nothing the one does not have. So by default: one worker per node (SPREAD), or one per
-    GPU with --use-gpu; ``--workers N`` keeps any data-parallel layout.
-    """
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    if cfg.workers is not None:
-        workers, placement, why = cfg.workers, cfg.placement, "--workers"
-    elif cfg.use_gpu:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        workers, placement, why = max(1, gpus), cfg.placement, "one per GPU"
-    elif len(nodes) > 1:
-        workers, placement, why = len(nodes), "SPREAD", f"one per node ({len(nodes)} nodes)"
-    else:
-        workers, placement, why = 1, cfg.placement, "one node: one worker with its cores"
-    cpus = cpus_per_worker(dataclasses.replace(cfg, workers=workers), reserved, nodes)
-    return Layout(workers, cpus, placement, why)
-
-
-def cpus_per_worker(cfg: TrainConfig, reserved: float = 0.0, nodes: list[dict] | None = None) -> float:
-    """CPUs per worker: an even share of the cluster (at most a node's), less the reserve of Ray
-    Data's tasks (``compat.data_cpu_reserve``) and ``reserved`` CPUs held elsewhere (a Tune
-    trial's). Fails in seconds when the workers can never be placed."""
-    import ray
-
-    resources = ray.cluster_resources()
-    total = resources.get("CPU", 0)
-    if nodes is None:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    if cfg.use_gpu and cfg.workers > resources.get("GPU", 0):
-        raise MnistRayError(f"{cfg.workers} GPU workers need {cfg.workers} GPUs but the cluster has "
-                            f"{resources.get('GPU', 0):g} and its autoscaler can add none: lower --workers "
-                            "or drop --use-gpu")
-    keep = compat.data_cpu_reserve() + reserved
-    if cfg.cpus_per_worker is not None:
-        need = cfg.cpus_per_worker
-    elif cfg.use_gpu:
-        # A GPU worker's input pipeline needs more than one core to keep its GPU busy: the CPUs
-        # its node has per GPU, less the data tasks' share.
-        per_gpu = gpu.cpus_per_gpu(nodes)
-        need = max(MIN_CPUS_PER_WORKER, math.floor((per_gpu - keep) * 20) / 20)
-    else:
-        largest = max((n.get("CPU", 0) for n in nodes), default=total)
-        need = math.floor(min(largest - keep, (total - keep) / cfg.workers) * 20) / 20
-        need = max(need, MIN_CPUS_PER_WORKER)
-    if need * cfg.workers + keep > total:
-        raise MnistRayError(
-            f"{cfg.workers} workers need {need * cfg.workers:g} CPUs ({need:g} each) plus "
-            f"{keep:g} for data tasks, but the cluster has {total:g} CPUs: lower --workers "
-            "or --cpus-per-worker, or add nodes")
-    return need
-
-
-def gpus_for(cfg: TrainConfig):
-    """With --use-gpu on a cluster short of GPUs that its autoscaler can add: a context that asks
-    for one GPU (and the worker's CPUs) per worker, waits for them, and withdraws the request."""
-    if not cfg.use_gpu:
-        return contextlib.nullcontext()
-    bundles = [{"GPU": 1, "CPU": cfg.cpus_per_worker or 1}] * cfg.workers
-    return gpu.gpus_for(bundles, cfg.workers, gpu.gpus_the_cluster_can_get())
-
-
-GPU_MIN_BATCH_PER_WORKER = 128
-
-
-def warn_small_gpu_batches(cfg: TrainConfig) -> None:
-    """--batch-size is global: split over many GPUs it can leave each one a few images a step."""
-    per_gpu = cfg.batch_size // cfg.workers
-    if cfg.use_gpu and per_gpu < GPU_MIN_BATCH_PER_WORKER:
-        log.warning("each GPU gets %d images a step (--batch-size %d over %d workers): a GPU is mostly idle "
-                    "below ~%d; consider --batch-size %d and a learning rate scaled with it", per_gpu,
-                    cfg.batch_size, cfg.workers, GPU_MIN_BATCH_PER_WORKER, GPU_MIN_BATCH_PER_WORKER * cfg.workers)
+    return train_splits, holdout, rows + 10 * recipe_value(cfg.model, "printed_per_class")
 
 
 # --- driver ----------------------------------------------------------------------------------
@@ -350,7 +257,7 @@ def load_datasets(cfg: TrainConfig, train_splits: list[str], holdout: bool):
     options = ray.data.DataContext.get_current().execution_options
     previous, options.preserve_order = options.preserve_order, True
     try:
-        degrade, printed = _recipe(cfg.model, "degrade_rate"), _recipe(cfg.model, "printed_per_class")
+        degrade, printed = recipe_value(cfg.model, "degrade_rate"), recipe_value(cfg.model, "printed_per_class")
         train_ds = _split_dataset(cfg.data, train_splits, cfg.val_split, holdout,
                                   variant_seed=cfg.seed if degrade or printed else None)
         if printed:
@@ -455,11 +362,11 @@ def run(cfg: TrainConfig) -> dict:
         import ray.train
 
         # scale from zero: GPU nodes are asked for, not refused
-        with gpus_for(dataclasses.replace(cfg, workers=cfg.workers or 1)):
-            layout = choose_layout(cfg)
+        with workers.gpus_for(dataclasses.replace(cfg, workers=cfg.workers or 1)):
+            layout = workers.choose_layout(cfg)
             cfg = dataclasses.replace(cfg, workers=layout.workers, placement=layout.placement)
             log.info("train: %s", layout.describe())
-            warn_small_gpu_batches(cfg)
+            workers.warn_small_gpu_batches(cfg)
             started = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 # TensorFlow's import (~4 s; Ray's TensorflowTrainer needs it) while Ray Data decodes.

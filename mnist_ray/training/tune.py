@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 
 from mnist_ray.formats import shards
 from mnist_ray.plumbing import cluster, storage
-from mnist_ray.training import train
+from mnist_ray.training import train, workers
 from mnist_ray.errors import MnistRayError
 from mnist_ray.training.tune_space import SPACE_KEYS, parse_space, to_param_space, values_of
 
@@ -261,10 +261,10 @@ def run(cfg: TuneConfig) -> dict:
     name = cfg.experiment_name(manifest["fingerprint"], space)
     cluster.connect(cfg.address, paths=(cfg.data, cfg.output, cfg.storage_path), shared_storage=cfg.shared_storage)
     loc, restore = _experiment(cfg, name)
-    with train.gpus_for(base):  # scale from zero: the autoscaler is asked for the trials' GPUs
+    with workers.gpus_for(base):  # scale from zero: the autoscaler is asked for the trials' GPUs
         # Each worker's share of the CPUs (GPU workers: their node's CPUs per GPU), leaving the
         # trial's share and Ray Data's reserve free.
-        cpus = train.cpus_per_worker(base, reserved=TRIAL_CPU)
+        cpus = workers.cpus_per_worker(base, reserved=TRIAL_CPU)
         # Tune saves the experiment state at most every 10 s by default: a search killed in that
         # window would forget a finished trial and run it again.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")

@@ -173,8 +173,8 @@ def test_no_deprecated_ray_arguments_in_the_jobs(ray_local, small_shards, tmp_pa
         warnings.simplefilter("error", FutureWarning)
         ds = infer.build_dataset(registry.open_input(small_shards, registry.INFER), plan, "m", "v", progress=None)
         ray.data.range(3).write_parquet(str(tmp_path / "w"), **compat.write_task_args(plan.write_cpus))
-        tcfg = train.TrainConfig(data=small_shards, model="cnn").resolved()
-        train.make_trainer(tcfg, train.loop_config(tcfg, 100, 1.0), {"train": ray.data.range(2)}, name="probe",
+        tcfg = train.TrainConfig(data=small_shards, model="cnn", workers=1).resolved()
+        train.make_trainer(tcfg, train.loop_config(tcfg, 100, 1.0, {}), {"train": ray.data.range(2)}, name="probe",
                            run_loc=storage.resolve(str(tmp_path / "runs")))
     assert ds is not None
 
@@ -227,6 +227,16 @@ def test_the_runtime_env_file_sets_what_the_workers_get():
     workers = cluster.runtime_env()["env_vars"]
     assert compat.keras2_env().items() <= env.items()
     assert {k: v for k, v in workers.items() if k not in cluster.FORWARDED_ENV} == env
+
+
+def test_ray_train_still_polls_its_workers_every_2_s_by_default():
+    """train_poll_env sets the variable Ray Train's controller reads for its poll interval."""
+    from ray.train.v2._internal import constants
+
+    assert constants.DEFAULT_HEALTH_CHECK_INTERVAL_S == 2.0  # when it is ~0.5, drop the workaround
+    assert set(compat.train_poll_env()) == {constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR}
+    assert float(compat.train_poll_env()[constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR]) < 1
+    assert compat.train_poll_env().items() <= cluster.runtime_env()["env_vars"].items()
 
 
 MWMS_FIT = """

@@ -7,7 +7,6 @@ import pytest
 
 from mnist_ray.plumbing import cluster
 from mnist_ray.training import feed
-from mnist_ray.training.train import Layout, TrainConfig, choose_layout
 
 cluster.configure_process_env()
 
@@ -59,12 +58,3 @@ def test_a_feed_of_arrays_in_this_process_is_the_same_pipeline():
     arrays = {"image": np.zeros((10, 28, 28, 1), np.float32), "label": np.arange(10, dtype=np.int32)}
     rows = feed.Feed.from_arrays(arrays)
     assert rows.rows == 10 and sorted(int(i) for b in rows.batches(5, seed=0) for i in b["label"]) == list(range(10))
-
-
-def test_the_default_layout_is_one_worker_with_the_nodes_cores_and_workers_n_keeps_its_count(ray_local):
-    one = choose_layout(TrainConfig())
-    assert (one.workers, one.cpus_per_worker, one.threads) == (1, 1.5, 2)  # 2 CPUs less Ray Data's 0.5
-    assert "one node" in one.describe()
-    two = choose_layout(TrainConfig(workers=2))
-    assert (two.workers, two.cpus_per_worker, two.threads) == (2, 0.75, 1)
-    assert Layout(1, 0.25, "PACK", "x").threads == 1
