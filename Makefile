@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 # The main job end to end on data that needs no network: shards of 5,000 real MNIST digits ->
-# a quick 2-worker training run (smoke preset) -> batch inference on the 10,000 MNIST test digits
+# a quick training run (smoke preset, the default worker layout) -> batch inference on the 10,000 MNIST test digits
 # shipped in the package -> report (the accuracy is on digits training never saw). Run it again and
 # every stage is skipped; delete a stage's output and that stage and the ones after it rerun.
 # Quiet: one line per stage and progress; everything else is in $(OUT)/quickstart/_logs/.
