@@ -78,13 +78,22 @@ def format_report(report: dict) -> str:
         from mnist_ray.bench import resumecost
 
         lines += resumecost.format_table(report["resume"])
+    lines += training_tables(report)
+    return "\n".join(lines)
+
+
+def training_tables(report: dict) -> list[str]:
+    """The feed-memory and training-throughput tables (``--parts feed``, ``--parts train``)."""
+    lines: list[str] = []
     if report.get("feed"):
         lines += ["## training feed memory (cnn, 2 epochs; the same budget)", "",
-                  "| rows | feed | budget MB | largest worker MB RSS/USS | wall s |", "|---:|---|---:|---:|---:|"]
-        lines += [f"| {r['rows']:,} | {r['feed']} | {r['budget_mb']:g} | {r['worker_rss_peak_mb']:,}/"
-                  f"{r['worker_uss_peak_mb']:,} | {r['wall_seconds']} |" for r in report["feed"]["runs"]]
-        lines += ["", f"4x the rows, streamed: largest worker USS {report['feed']['runs'][1]['worker_uss_vs_1x']:.2f} x "
-                  "the in-memory run's", ""]
+                  "| rows | feed | budget MB | training worker MB USS | largest worker MB RSS/USS | wall s |",
+                  "|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['rows']:,} | {r['feed']} | {r['budget_mb']:g} | {r['train_worker_uss_peak_mb']:,} | "
+                  f"{r['worker_rss_peak_mb']:,}/{r['worker_uss_peak_mb']:,} | {r['wall_seconds']} |"
+                  for r in report["feed"]["runs"]]
+        lines += ["", f"4x the rows, streamed: the training worker's peak USS "
+                  f"{report['feed']['runs'][1]['train_worker_uss_vs_1x']:.2f} x the in-memory run's", ""]
     if report.get("training"):
         t = report["training"]
         lines += [f"## training throughput ({t['epochs']} epochs of {t['model']}, {t.get('recipe_epochs', '-')} of default; "
@@ -94,7 +103,7 @@ def format_report(report: dict) -> str:
                   f"{r.get('wall_seconds', '-')} | {r.get('beyond_epochs_seconds', '-')} | {r.get('layout', '-')} |"
                   for r in t["runs"]]
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 # Columns of the CPU table: a prefix of Ray Data's operator names, or infer's own figures.

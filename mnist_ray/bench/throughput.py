@@ -130,7 +130,9 @@ def feed_memory(cfg, work: str) -> dict:
             feed_mode = json.load(f)["train_config"]["layout"]["feed"]
         runs.append({"rows": rows, "factor": factor, "feed": feed_mode, "budget_mb": float(budget_mb),
                      "wall_seconds": round(wall, 1), **memory})
-    runs[1]["worker_uss_vs_1x"] = round(runs[1]["worker_uss_peak_mb"] / runs[0]["worker_uss_peak_mb"], 3)
+    for r in runs:  # the training worker's own memory (Ray Data's decode workers are others)
+        r["train_worker_uss_peak_mb"] = r["uss_peak_mb_by_kind"].get("RayTrainWorker", 0)
+    runs[1]["train_worker_uss_vs_1x"] = round(runs[1]["train_worker_uss_peak_mb"] / runs[0]["train_worker_uss_peak_mb"], 3)
     return {"source": cfg.feed_source, "runs": runs}
 
 

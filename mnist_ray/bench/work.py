@@ -97,6 +97,7 @@ class MemorySampler(threading.Thread):
         self.before = set(psutil.pids())
         self.peaks = {"driver_rss": 0, "driver_uss": 0, "worker_rss": 0, "worker_uss": 0, "workers_total_uss": 0}
         self.worker_pids: set[int] = set()
+        self.uss_by_kind: dict[str, int] = {}  # "RayTrainWorker", "MapBatches(...)", ...: the peak USS of each
 
     def _workers(self):
         for proc in self.psutil.process_iter(["pid", "cmdline"]):
@@ -125,6 +126,8 @@ class MemorySampler(threading.Thread):
                 except self.psutil.Error:
                     continue
                 self.worker_pids.add(proc.pid)
+                kind = proc.info["cmdline"][0].removeprefix("ray::").split(".")[0].split(" ")[0]
+                self.uss_by_kind[kind] = max(self.uss_by_kind.get(kind, 0), mem.uss)
                 self._peak("worker_rss", mem.rss)
                 self._peak("worker_uss", mem.uss)
                 total += mem.uss
@@ -132,7 +135,8 @@ class MemorySampler(threading.Thread):
 
     def figures(self) -> dict:
         return {**{f"{k}_peak_mb": round(v / (1 << 20)) for k, v in self.peaks.items()},
-                "worker_processes": len(self.worker_pids)}
+                "worker_processes": len(self.worker_pids),
+                "uss_peak_mb_by_kind": {k: round(v / (1 << 20)) for k, v in sorted(self.uss_by_kind.items())}}
 
 
 def run_command(name: str, *args: str, sample_memory: bool = False) -> tuple[dict, float, dict]:
