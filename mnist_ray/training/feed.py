@@ -52,10 +52,16 @@ def plan(dataset, workers: int, budget_mb: float = DEFAULT_BUDGET_MB) -> FeedPla
     return FeedPlan("memory" if mb <= budget_mb else "stream", per_worker, round(mb, 1), budget_mb, columns)
 
 
-def read_shard(shard, columns: list[str]) -> dict[str, np.ndarray]:
-    """Every row of ``shard`` (a Ray Data iterator) as arrays, read in ``STREAM_ROWS`` batches."""
-    parts: dict[str, list] = {c: [] for c in columns}
+def stream_batches(shard, columns: list[str]):
+    """``shard`` (a Ray Data iterator) in ``STREAM_ROWS``-row batches of ``columns``."""
     for batch in shard.iter_batches(batch_size=STREAM_ROWS, batch_format="numpy"):
+        yield {c: batch[c] for c in columns}
+
+
+def read_shard(shard, columns: list[str]) -> dict[str, np.ndarray]:
+    """Every row of ``shard`` as arrays."""
+    parts: dict[str, list] = {c: [] for c in columns}
+    for batch in stream_batches(shard, columns):
         for c in columns:
             parts[c].append(batch[c])
     return {c: np.concatenate(p) for c, p in parts.items()}
@@ -98,15 +104,12 @@ class Feed:
             ds = index.batch(batch_size, drop_remainder=drop_remainder).map(
                 lambda i: {c: tf.gather(t, i) for c, t in tensors.items()})
         else:
-            ds = tf.data.Dataset.from_generator(self._stream, output_signature=self.specs).unbatch()
+            ds = tf.data.Dataset.from_generator(lambda: stream_batches(self.shard, self.columns),
+                                                output_signature=self.specs).unbatch()
             if seed is not None:
                 ds = ds.shuffle(SHUFFLE_ROWS, seed=seed, reshuffle_each_iteration=False)
             ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         return without_auto_shard(ds)
-
-    def _stream(self):
-        for batch in self.shard.iter_batches(batch_size=STREAM_ROWS, batch_format="numpy"):
-            yield {c: batch[c] for c in self.columns}
 
 
 def without_auto_shard(ds):

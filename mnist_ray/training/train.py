@@ -78,7 +78,7 @@ class TrainConfig:
     address: str | None = field(default=None, metadata={"help": "Ray address (default: RAY_ADDRESS, else local)"})
     shared_storage: bool = field(default=False, metadata={"help": cluster.SHARED_STORAGE_HELP})
     feed_memory_mb: float = field(default=feed.DEFAULT_BUDGET_MB, metadata={
-        "help": "training rows a worker may hold in memory (MB); a larger share streams every epoch"})
+        "help": "training rows a worker may hold in memory (MB); a larger share streams every epoch (0: always)"})
 
     PRESETS: ClassVar[dict] = {
         "default": {},
@@ -101,6 +101,8 @@ class TrainConfig:
             raise MnistRayError("--epochs, --batch-size, --learning-rate and --width must be positive")
         if self.workers is not None and self.workers < 1:
             raise MnistRayError("--workers must be at least 1")
+        if self.feed_memory_mb < 0:
+            raise MnistRayError(f"--feed-memory-mb {self.feed_memory_mb:g}: give 0 (always stream) or more")
         if self.placement not in ("PACK", "SPREAD"):
             raise MnistRayError(f"--placement {self.placement!r}: choose PACK or SPREAD")
         if self.batch_size < (self.workers or 1):

@@ -54,6 +54,14 @@ def test_every_row_once_an_epoch_shuffled_by_the_seed(rows_dataset, budget_mb):
     assert sum(1 for _ in rows.batches(64, seed=3)) == ROWS // 64  # the partial batch is dropped
 
 
+def test_a_negative_budget_is_a_clear_error():
+    from mnist_ray.errors import MnistRayError
+    from mnist_ray.training.train import TrainConfig
+
+    with pytest.raises(MnistRayError, match="--feed-memory-mb -1: give 0"):
+        TrainConfig(feed_memory_mb=-1).resolved().validate()
+
+
 def test_a_feed_of_arrays_in_this_process_is_the_same_pipeline():
     arrays = {"image": np.zeros((10, 28, 28, 1), np.float32), "label": np.arange(10, dtype=np.int32)}
     rows = feed.Feed.from_arrays(arrays)
